@@ -1,0 +1,81 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "MailTier",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "smtp-server", targets: ["smtp-server"]),
+        .executable(name: "user-cli", targets: ["user-cli"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // C libraries, through the system's -dev packages.
+        .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CArgon2", pkgConfig: "libargon2", providers: [.apt(["libargon2-dev"])]),
+
+        // 1. Pure SMTP: grammar, replies, state machines. NIOCore only (ByteBuffer).
+        .target(name: "SMTPProtocol", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+        // 2. Channel handlers: framing, the server handler, STARTTLS, timeouts.
+        .target(name: "SMTPNIO", dependencies: [
+            "SMTPProtocol",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+        // 3. The domain: model, ports, configuration, role services.
+        .target(name: "MailTier", dependencies: [
+            "SMTPProtocol", "SMTPNIO",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+        // 4. Adapters.
+        .target(name: "MailTierSQLite", dependencies: [
+            "MailTier", "CSQLite",
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        .target(name: "MailTierFiles", dependencies: [
+            "MailTier",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        .target(name: "MailTierArgon2", dependencies: [
+            "MailTier", "CArgon2",
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        // 6. Executables: thin.
+        .executableTarget(name: "smtp-server", dependencies: [
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "SMTPNIO",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+        .executableTarget(name: "user-cli", dependencies: [
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2",
+        ]),
+
+        .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
+        .testTarget(name: "SMTPNIOTests", dependencies: [
+            "SMTPNIO",
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+        ]),
+        .testTarget(name: "MailTierTests", dependencies: [
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2",
+        ]),
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "SMTPNIO",
+        ]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,494 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+
+/// A bad configuration value. `description` is one line naming the variable, e.g.
+/// `SMTP_PORT: expected an integer from 1 to 65535, got "abc"`; the value of a variable whose
+/// name contains PASSWORD, SECRET or KEY is never shown (`<hidden>`).
+public struct ConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The environment variable at fault.
+    public var variable: String
+    /// What is wrong, without the variable name.
+    public var message: String
+
+    public init(variable: String, message: String) {
+        self.variable = variable
+        self.message = message
+    }
+
+    public var description: String { "\(self.variable): \(self.message)" }
+}
+
+/// The server's configuration, read from the environment (API.md, "Configuration API").
+/// Every value is validated by `load(from:)`; a bad one is a `ConfigurationError`.
+public struct Configuration: Sendable, Equatable {
+    public enum StorageType: String, Sendable, CaseIterable {
+        case maildir, mbox, database, s3, timeseries
+    }
+
+    public enum LogLevel: String, Sendable, CaseIterable {
+        case debug, info, warn, error
+
+        /// swift-log's level (`warn` is `.warning`).
+        public var loggerLevel: Logger.Level {
+            switch self {
+            case .debug: .debug
+            case .info: .info
+            case .warn: .warning
+            case .error: .error
+            }
+        }
+    }
+
+    /// What this process runs (DESIGN.md, "Roles"). `all` is embedded mode.
+    public enum Role: String, Sendable, CaseIterable {
+        case ingress, delivery, admin, all
+    }
+
+    // API.md's table.
+    public var port: Int = 2525
+    public var host: String = "0.0.0.0"
+    public var maxConnections: Int = 100
+    public var maxMessageSize: Int = 52_428_800
+    public var timeoutSeconds: Int = 300
+    public var hostname: String = "localhost"
+    public var dbPath: String = "smtp.db"
+    public var storageType: StorageType = .maildir
+    public var storagePath: String = "/var/mail"
+    public var enableTLS: Bool = false
+    public var tlsCert: String? = nil
+    public var tlsKey: String? = nil
+    public var enableAuth: Bool = true
+    public var healthPort: Int = 8080
+    public var metricsPort: Int = 8081
+    public var logLevel: LogLevel = .info
+    public var enableSpamAssassin: Bool = false
+    public var spamAssassinHost: String = "127.0.0.1"
+    public var spamAssassinPort: Int = 783
+    public var enableClamAV: Bool = false
+    public var clamAVHost: String = "127.0.0.1"
+    public var clamAVPort: Int = 3310
+
+    // MailTier's additions.
+    /// Lowercased, without duplicates.
+    public var localDomains: [String] = []
+    public var spoolPath: String = "spool"
+    public var adminUsername: String = "admin"
+    public var adminPassword: String? = nil
+    /// Defaults to `<adminUsername>@<hostname>`.
+    public var adminEmail: String = "admin@localhost"
+    public var maxRecipients: Int = 100
+    /// Advertised as `DELIVERBY <n>` in EHLO.
+    public var deliverByMinSeconds: Int = 86400
+    public var role: Role = .all
+    /// How long open transactions may finish after SIGTERM.
+    public var shutdownGraceSeconds: Int = 30
+    public var queuePollSeconds: Int = 5
+    public var maxAttempts: Int = 5
+
+    /// The defaults of every variable.
+    public init() {}
+
+    /// swift-log's level for `logLevel`.
+    public var loggerLevel: Logger.Level { self.logLevel.loggerLevel }
+
+    /// Case-insensitive match of `domain` against `localDomains` (a trailing dot is ignored).
+    public func isLocalDomain(_ domain: String) -> Bool {
+        var name = domain.lowercased()
+        if name.hasSuffix(".") { name.removeLast() }
+        return self.localDomains.contains(name)
+    }
+}
+
+// MARK: - Variables
+
+extension Configuration {
+    /// One documented environment variable, for `--help` and for tests.
+    public struct Variable: Sendable, Equatable {
+        public var name: String
+        /// As shown in the help text (`-` when unset by default).
+        public var defaultValue: String
+        public var summary: String
+    }
+
+    /// Every variable `load(from:)` reads, in the order of the help text.
+    public static let variables: [Variable] = [
+        Variable(name: "SMTP_PORT", defaultValue: "2525", summary: "SMTP server port (1-65535)"),
+        Variable(name: "SMTP_HOST", defaultValue: "0.0.0.0", summary: "Bind address (IP address or host name)"),
+        Variable(name: "SMTP_MAX_CONNECTIONS", defaultValue: "100", summary: "Max concurrent connections (1-100000)"),
+        Variable(
+            name: "SMTP_MAX_MESSAGE_SIZE", defaultValue: "52428800",
+            summary: "Max message size in bytes, advertised as SIZE (1024-2147483648)"),
+        Variable(name: "SMTP_TIMEOUT_SECONDS", defaultValue: "300", summary: "Connection idle timeout (1-86400)"),
+        Variable(name: "SMTP_HOSTNAME", defaultValue: "localhost", summary: "Server hostname (greeting, EHLO, maildir names)"),
+        Variable(name: "SMTP_DB_PATH", defaultValue: "smtp.db", summary: "SQLite database path"),
+        Variable(
+            name: "SMTP_STORAGE_TYPE", defaultValue: "maildir",
+            summary: "Mailbox storage backend (maildir/mbox/database/s3/timeseries)"),
+        Variable(name: "SMTP_STORAGE_PATH", defaultValue: "/var/mail", summary: "Mailbox storage directory"),
+        Variable(name: "SMTP_ENABLE_TLS", defaultValue: "false", summary: "Enable STARTTLS (needs SMTP_TLS_CERT and SMTP_TLS_KEY)"),
+        Variable(name: "SMTP_TLS_CERT", defaultValue: "-", summary: "TLS certificate chain (PEM) path"),
+        Variable(name: "SMTP_TLS_KEY", defaultValue: "-", summary: "TLS private key (PEM) path"),
+        Variable(name: "SMTP_ENABLE_AUTH", defaultValue: "true", summary: "Require authentication to relay"),
+        Variable(name: "SMTP_HEALTH_PORT", defaultValue: "8080", summary: "Health/API port"),
+        Variable(name: "SMTP_METRICS_PORT", defaultValue: "8081", summary: "Prometheus metrics port"),
+        Variable(name: "SMTP_LOG_LEVEL", defaultValue: "info", summary: "Log level (debug/info/warn/error)"),
+        Variable(name: "SMTP_ENABLE_SPAMASSASSIN", defaultValue: "false", summary: "Enable SpamAssassin (spamd)"),
+        Variable(name: "SMTP_SPAMASSASSIN_HOST", defaultValue: "127.0.0.1", summary: "SpamAssassin host"),
+        Variable(name: "SMTP_SPAMASSASSIN_PORT", defaultValue: "783", summary: "SpamAssassin port"),
+        Variable(name: "SMTP_ENABLE_CLAMAV", defaultValue: "false", summary: "Enable ClamAV (clamd)"),
+        Variable(name: "SMTP_CLAMAV_HOST", defaultValue: "127.0.0.1", summary: "ClamAV host"),
+        Variable(name: "SMTP_CLAMAV_PORT", defaultValue: "3310", summary: "ClamAV port"),
+        Variable(
+            name: "SMTP_LOCAL_DOMAINS", defaultValue: "-",
+            summary: "Comma-separated domains delivered locally (others need AUTH to relay)"),
+        Variable(name: "SMTP_SPOOL_PATH", defaultValue: "spool", summary: "Spool directory for accepted messages"),
+        Variable(name: "SMTP_ADMIN_USERNAME", defaultValue: "admin", summary: "Username of the first administrator"),
+        Variable(name: "SMTP_ADMIN_PASSWORD", defaultValue: "-", summary: "Password of the first administrator"),
+        Variable(
+            name: "SMTP_ADMIN_EMAIL", defaultValue: "<username>@<hostname>",
+            summary: "Email address of the first administrator"),
+        Variable(name: "SMTP_MAX_RECIPIENTS", defaultValue: "100", summary: "Max RCPT TO per transaction (1-100000)"),
+        Variable(
+            name: "SMTP_DELIVERBY_MIN_SECONDS", defaultValue: "86400",
+            summary: "Minimum BY time, advertised as DELIVERBY (0-999999999)"),
+        Variable(name: "SMTP_ROLE", defaultValue: "all", summary: "What this process runs (ingress/delivery/admin/all)"),
+        Variable(
+            name: "SMTP_SHUTDOWN_GRACE_SECONDS", defaultValue: "30",
+            summary: "Time open transactions get to finish on SIGTERM (0-3600)"),
+        Variable(name: "SMTP_QUEUE_POLL_SECONDS", defaultValue: "5", summary: "Delivery queue poll interval (1-3600)"),
+        Variable(name: "SMTP_MAX_ATTEMPTS", defaultValue: "5", summary: "Delivery attempts before a bounce (1-100)"),
+    ]
+
+    /// Usage text for `smtp-server --help`: every variable, its default and what it does.
+    public static var helpText: String {
+        let header = Variable(name: "VARIABLE", defaultValue: "DEFAULT", summary: "DESCRIPTION")
+        let rows = [header] + Self.variables
+        let nameWidth = rows.map(\.name.count).max() ?? 0
+        let defaultWidth = rows.map(\.defaultValue.count).max() ?? 0
+        func pad(_ text: String, _ width: Int) -> String {
+            text + String(repeating: " ", count: max(0, width - text.count))
+        }
+        var lines = [
+            "Usage: smtp-server [--help]",
+            "",
+            "MailTier SMTP server. Configured through environment variables; an empty value means unset.",
+            "Booleans accept true/false, 1/0, yes/no, on/off. A bad value stops the server (exit code 2).",
+            "",
+        ]
+        for row in rows {
+            lines.append("  \(pad(row.name, nameWidth))  \(pad(row.defaultValue, defaultWidth))  \(row.summary)")
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+// MARK: - Loading
+
+extension Configuration {
+    /// Reads and validates every variable; the first bad one throws.
+    /// An empty value counts as unset (its default applies).
+    public static func load(from environment: [String: String]) throws(ConfigurationError) -> Configuration {
+        let env = EnvironmentReader(environment)
+        var config = Configuration()
+
+        config.port = try env.int("SMTP_PORT", in: 1...65535) ?? config.port
+        config.host = try env.host("SMTP_HOST") ?? config.host
+        config.maxConnections = try env.int("SMTP_MAX_CONNECTIONS", in: 1...100_000) ?? config.maxConnections
+        config.maxMessageSize = try env.int("SMTP_MAX_MESSAGE_SIZE", in: 1024...2_147_483_648) ?? config.maxMessageSize
+        config.timeoutSeconds = try env.int("SMTP_TIMEOUT_SECONDS", in: 1...86400) ?? config.timeoutSeconds
+        config.hostname = try env.domain("SMTP_HOSTNAME") ?? config.hostname
+        config.dbPath = try env.path("SMTP_DB_PATH") ?? config.dbPath
+        config.storageType = try env.choice("SMTP_STORAGE_TYPE", StorageType.self) ?? config.storageType
+        config.storagePath = try env.path("SMTP_STORAGE_PATH") ?? config.storagePath
+        config.enableTLS = try env.bool("SMTP_ENABLE_TLS") ?? config.enableTLS
+        config.tlsCert = try env.path("SMTP_TLS_CERT")
+        config.tlsKey = try env.path("SMTP_TLS_KEY")
+        if config.enableTLS {
+            config.tlsCert = try env.readableFile("SMTP_TLS_CERT", requiredBy: "SMTP_ENABLE_TLS")
+            config.tlsKey = try env.readableFile("SMTP_TLS_KEY", requiredBy: "SMTP_ENABLE_TLS")
+        }
+        config.enableAuth = try env.bool("SMTP_ENABLE_AUTH") ?? config.enableAuth
+        config.healthPort = try env.int("SMTP_HEALTH_PORT", in: 1...65535) ?? config.healthPort
+        config.metricsPort = try env.int("SMTP_METRICS_PORT", in: 1...65535) ?? config.metricsPort
+        config.logLevel = try env.choice("SMTP_LOG_LEVEL", LogLevel.self) ?? config.logLevel
+        config.enableSpamAssassin = try env.bool("SMTP_ENABLE_SPAMASSASSIN") ?? config.enableSpamAssassin
+        config.spamAssassinHost = try env.host("SMTP_SPAMASSASSIN_HOST") ?? config.spamAssassinHost
+        config.spamAssassinPort = try env.int("SMTP_SPAMASSASSIN_PORT", in: 1...65535) ?? config.spamAssassinPort
+        config.enableClamAV = try env.bool("SMTP_ENABLE_CLAMAV") ?? config.enableClamAV
+        config.clamAVHost = try env.host("SMTP_CLAMAV_HOST") ?? config.clamAVHost
+        config.clamAVPort = try env.int("SMTP_CLAMAV_PORT", in: 1...65535) ?? config.clamAVPort
+
+        config.localDomains = try env.domainList("SMTP_LOCAL_DOMAINS") ?? config.localDomains
+        config.spoolPath = try env.path("SMTP_SPOOL_PATH") ?? config.spoolPath
+        config.adminUsername = try env.username("SMTP_ADMIN_USERNAME") ?? config.adminUsername
+        config.adminPassword = try env.password("SMTP_ADMIN_PASSWORD")
+        if let email = try env.email("SMTP_ADMIN_EMAIL") {
+            config.adminEmail = email
+        } else {
+            let email = "\(config.adminUsername)@\(config.hostname)"
+            guard EnvironmentReader.isValidEmail(email) else {
+                throw ConfigurationError(
+                    variable: "SMTP_ADMIN_EMAIL",
+                    message: "the default \(EnvironmentReader.quote(email)) is not a valid address; set SMTP_ADMIN_EMAIL")
+            }
+            config.adminEmail = email
+        }
+        config.maxRecipients = try env.int("SMTP_MAX_RECIPIENTS", in: 1...100_000) ?? config.maxRecipients
+        config.deliverByMinSeconds =
+            try env.int("SMTP_DELIVERBY_MIN_SECONDS", in: 0...999_999_999) ?? config.deliverByMinSeconds
+        config.role = try env.choice("SMTP_ROLE", Role.self) ?? config.role
+        config.shutdownGraceSeconds =
+            try env.int("SMTP_SHUTDOWN_GRACE_SECONDS", in: 0...3600) ?? config.shutdownGraceSeconds
+        config.queuePollSeconds = try env.int("SMTP_QUEUE_POLL_SECONDS", in: 1...3600) ?? config.queuePollSeconds
+        config.maxAttempts = try env.int("SMTP_MAX_ATTEMPTS", in: 1...100) ?? config.maxAttempts
+
+        // The three listeners must not collide.
+        if config.healthPort == config.port {
+            throw env.conflict("SMTP_HEALTH_PORT", with: "SMTP_PORT", value: config.healthPort)
+        }
+        if config.metricsPort == config.port {
+            throw env.conflict("SMTP_METRICS_PORT", with: "SMTP_PORT", value: config.metricsPort)
+        }
+        if config.metricsPort == config.healthPort {
+            throw env.conflict("SMTP_METRICS_PORT", with: "SMTP_HEALTH_PORT", value: config.metricsPort)
+        }
+        return config
+    }
+}
+
+/// Typed, validating reads of environment variables. Every error message is built here, so
+/// that hiding secret values is done in one place (`shown(_:of:)`).
+struct EnvironmentReader {
+    let environment: [String: String]
+
+    init(_ environment: [String: String]) { self.environment = environment }
+
+    /// The value, or nil when unset or empty.
+    func raw(_ name: String) -> String? {
+        guard let value = self.environment[name], !value.isEmpty else { return nil }
+        return value
+    }
+
+    /// Without leading and trailing spaces and tabs.
+    static func trim<S: StringProtocol>(_ text: S) -> String {
+        let isBlank: (Character) -> Bool = { $0 == " " || $0 == "\t" }
+        guard let first = text.firstIndex(where: { !isBlank($0) }), let last = text.lastIndex(where: { !isBlank($0) })
+        else { return "" }
+        return String(text[first...last])
+    }
+
+    static func isSecret(_ name: String) -> Bool {
+        let upper = name.uppercased()
+        return upper.contains("PASSWORD") || upper.contains("SECRET") || upper.contains("KEY")
+    }
+
+    /// A value as it may appear in an error: quoted, escaped onto one line, at most 64
+    /// characters, or `<hidden>` for a secret variable.
+    static func shown(_ value: String, of name: String) -> String {
+        Self.isSecret(name) ? "<hidden>" : Self.quote(value)
+    }
+
+    static func quote(_ value: String) -> String {
+        var result = "\""
+        var count = 0
+        for scalar in value.unicodeScalars {
+            if count == 64 {
+                result += "..."
+                break
+            }
+            count += 1
+            switch scalar {
+            case "\"": result += "\\\""
+            case "\\": result += "\\\\"
+            case "\n": result += "\\n"
+            case "\r": result += "\\r"
+            case "\t": result += "\\t"
+            default:
+                if scalar.value < 0x20 || scalar.value == 0x7F || (0x80..<0xA0).contains(scalar.value)
+                    || scalar.properties.generalCategory == .lineSeparator
+                    || scalar.properties.generalCategory == .paragraphSeparator
+                {
+                    result += "\\u{\(String(scalar.value, radix: 16))}"
+                } else {
+                    result.unicodeScalars.append(scalar)
+                }
+            }
+        }
+        return result + "\""
+    }
+
+    func error(_ name: String, _ expectation: String, got value: String) -> ConfigurationError {
+        ConfigurationError(variable: name, message: "\(expectation), got \(Self.shown(value, of: name))")
+    }
+
+    func conflict(_ name: String, with other: String, value: Int) -> ConfigurationError {
+        ConfigurationError(variable: name, message: "must differ from \(other), got \(Self.shown(String(value), of: name))")
+    }
+
+    func int(_ name: String, in range: ClosedRange<Int>) throws(ConfigurationError) -> Int? {
+        guard let value = self.raw(name) else { return nil }
+        let text = Self.trim(value)
+        guard text.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }),
+            let number = Int(text), range.contains(number)
+        else {
+            throw self.error(
+                name, "expected an integer from \(range.lowerBound) to \(range.upperBound)", got: value)
+        }
+        return number
+    }
+
+    func bool(_ name: String) throws(ConfigurationError) -> Bool? {
+        guard let value = self.raw(name) else { return nil }
+        switch Self.trim(value).lowercased() {
+        case "true", "1", "yes", "on": return true
+        case "false", "0", "no", "off": return false
+        default: throw self.error(name, "expected a boolean (true/false, 1/0, yes/no, on/off)", got: value)
+        }
+    }
+
+    func choice<T: RawRepresentable & CaseIterable>(_ name: String, _: T.Type) throws(ConfigurationError) -> T?
+    where T.RawValue == String {
+        guard let value = self.raw(name) else { return nil }
+        if let result = T(rawValue: Self.trim(value).lowercased()) { return result }
+        let names = T.allCases.map(\.rawValue).joined(separator: ", ")
+        throw self.error(name, "expected one of \(names)", got: value)
+    }
+
+    /// A file system path: any non-empty value without control characters.
+    func path(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard !value.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
+            throw self.error(name, "expected a path without control characters", got: value)
+        }
+        return value
+    }
+
+    /// Required when `flag` is true: the path of a readable regular file.
+    func readableFile(_ name: String, requiredBy flag: String) throws(ConfigurationError) -> String {
+        guard let path = try self.path(name) else {
+            throw ConfigurationError(variable: name, message: "required when \(flag) is true")
+        }
+        var info = stat()
+        guard stat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, access(path, R_OK) == 0 else {
+            throw self.error(name, "expected a readable file", got: path)
+        }
+        return path
+    }
+
+    /// A domain name (at least two labels) or `localhost`; returned lowercased.
+    func domain(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard Self.isValidDomain(value) else {
+            throw self.error(name, "expected a domain name or localhost", got: value)
+        }
+        return value.lowercased()
+    }
+
+    /// A bind or peer address: an IPv4/IPv6 literal, a domain name, or `localhost`.
+    func host(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard Self.isIPAddress(value) || Self.isValidDomain(value) else {
+            throw self.error(name, "expected an IP address or a host name", got: value)
+        }
+        return value
+    }
+
+    /// Comma-separated domains; blanks around commas and empty items are ignored. Lowercased,
+    /// without duplicates, in the given order.
+    func domainList(_ name: String) throws(ConfigurationError) -> [String]? {
+        guard let value = self.raw(name) else { return nil }
+        var domains: [String] = []
+        for item in value.split(separator: ",", omittingEmptySubsequences: false) {
+            let domain = Self.trim(item).lowercased()
+            if domain.isEmpty { continue }
+            guard Self.isValidDomain(domain) else {
+                throw self.error(name, "expected comma-separated domain names, got an invalid item", got: domain)
+            }
+            if !domains.contains(domain) { domains.append(domain) }
+        }
+        return domains
+    }
+
+    /// 1 to 64 characters; no whitespace, control characters or `:` (HTTP Basic separator).
+    func username(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard value.count <= 64,
+            !value.unicodeScalars.contains(where: {
+                $0.value <= 0x20 || $0.value == 0x7F || $0 == ":" || $0.properties.isWhitespace
+            })
+        else {
+            throw self.error(name, "expected 1 to 64 characters without spaces, control characters or ':'", got: value)
+        }
+        return value
+    }
+
+    /// Any value without control characters (a NUL could never be sent in AUTH PLAIN).
+    func password(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard !value.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
+            throw self.error(name, "must not contain control characters", got: value)
+        }
+        return value
+    }
+
+    func email(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard Self.isValidEmail(value) else {
+            throw self.error(name, "expected an email address like user@example.com", got: value)
+        }
+        return value
+    }
+
+    static func isValidEmail(_ value: String) -> Bool {
+        guard let at = value.lastIndex(of: "@") else { return false }
+        let local = value[..<at]
+        let domain = String(value[value.index(after: at)...])
+        guard !local.isEmpty, local.utf8.count <= 64,
+            !local.unicodeScalars.contains(where: {
+                $0.value <= 0x20 || $0.value == 0x7F || $0 == "@" || $0 == "<" || $0 == ">"
+                    || $0.properties.isWhitespace
+            })
+        else { return false }
+        return Self.isValidDomain(domain)
+    }
+
+    /// RFC 1035 letters-digits-hyphens labels of 1 to 63 octets, at most 253 octets in all, at
+    /// least two labels (or exactly `localhost`). No trailing dot.
+    static func isValidDomain(_ value: String) -> Bool {
+        if value.lowercased() == "localhost" { return true }
+        guard value.utf8.count <= 253 else { return false }
+        let labels = value.split(separator: ".", omittingEmptySubsequences: false)
+        guard labels.count >= 2 else { return false }
+        for label in labels {
+            let bytes = Array(label.utf8)
+            guard (1...63).contains(bytes.count), bytes.first != UInt8(ascii: "-"), bytes.last != UInt8(ascii: "-")
+            else { return false }
+            for byte in bytes {
+                let ok =
+                    (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
+                    || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
+                    || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || byte == UInt8(ascii: "-")
+                if !ok { return false }
+            }
+        }
+        // An all-numeric last label would be an IPv4 literal, not a domain.
+        return !labels.last!.utf8.allSatisfy { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+    }
+
+    static func isIPAddress(_ value: String) -> Bool {
+        var v4 = in_addr()
+        var v6 = in6_addr()
+        return inet_pton(AF_INET, value, &v4) == 1 || inet_pton(AF_INET6, value, &v6) == 1
+    }
+}

@@ -1,0 +1,103 @@
+/// The database schema, versioned with `PRAGMA user_version`.
+///
+/// The same tables exist in PostgreSQL: keep the SQL portable (INTEGER, TEXT, no SQLite-only
+/// types; times are integer Unix seconds; booleans are INTEGER 0/1). A new version is a new
+/// element appended to `migrations`; never edit a migration that has shipped.
+public enum SQLiteSchema {
+    /// `migrations[i]` brings the database from version `i` to version `i + 1`.
+    static let migrations: [[String]] = [
+        // Version 1: users and the queue.
+        [
+            """
+            CREATE TABLE users (
+                id INTEGER PRIMARY KEY,
+                username TEXT NOT NULL UNIQUE,
+                email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                password_hash TEXT NOT NULL,
+                quota_mb INTEGER NOT NULL DEFAULT 1000,
+                is_admin INTEGER NOT NULL DEFAULT 0,
+                enabled INTEGER NOT NULL DEFAULT 1,
+                created_at INTEGER NOT NULL,
+                last_login INTEGER
+            )
+            """,
+            """
+            CREATE TABLE queue_messages (
+                id TEXT PRIMARY KEY,
+                blob_key TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size_bytes INTEGER NOT NULL,
+                mail_from TEXT NOT NULL,
+                subject TEXT,
+                smtputf8 INTEGER NOT NULL DEFAULT 0,
+                body_type TEXT,
+                ret TEXT,
+                envid TEXT,
+                deliver_by INTEGER,
+                by_mode TEXT,
+                client_ip TEXT,
+                helo TEXT,
+                auth_user TEXT,
+                created_at INTEGER NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE queue_recipients (
+                id INTEGER PRIMARY KEY,
+                message_id TEXT NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
+                recipient TEXT NOT NULL,
+                domain TEXT NOT NULL,
+                is_local INTEGER NOT NULL,
+                status TEXT NOT NULL DEFAULT 'pending',
+                attempts INTEGER NOT NULL DEFAULT 0,
+                max_attempts INTEGER NOT NULL DEFAULT 5,
+                next_retry INTEGER NOT NULL,
+                deliver_by INTEGER,
+                last_error TEXT,
+                lease_token TEXT,
+                lease_until INTEGER,
+                delivery_key TEXT,
+                UNIQUE(message_id, recipient)
+            )
+            """,
+            "CREATE INDEX idx_queue_recipients_due ON queue_recipients(status, next_retry)",
+            "CREATE INDEX idx_queue_recipients_domain ON queue_recipients(domain)",
+        ]
+    ]
+
+    /// The version this build writes.
+    public static var currentVersion: Int { migrations.count }
+
+    /// Applies every missing migration, each in its own IMMEDIATE transaction (so two
+    /// processes opening a fresh file at once do not both migrate it). Throws when the
+    /// file was written by a newer version.
+    static func migrate(_ connection: SQLiteConnection) throws {
+        for (index, statements) in migrations.enumerated() {
+            let target = index + 1
+            try connection.execute("BEGIN IMMEDIATE")
+            do {
+                let version = try userVersion(connection)
+                if version > currentVersion {
+                    throw SQLiteError(
+                        code: 1,  // SQLITE_ERROR
+                        message: "database schema version \(version) is newer than this program's (\(currentVersion))")
+                }
+                if version < target {
+                    for statement in statements {
+                        try connection.execute(statement)
+                    }
+                    // PRAGMA takes no bound parameters; `target` is an Int, not user input.
+                    try connection.execute("PRAGMA user_version = \(target)")
+                }
+                try connection.execute("COMMIT")
+            } catch {
+                if connection.isInTransaction { try? connection.execute("ROLLBACK") }
+                throw error
+            }
+        }
+    }
+
+    static func userVersion(_ connection: SQLiteConnection) throws -> Int {
+        Int(try connection.query("PRAGMA user_version").first?.int("user_version") ?? 0)
+    }
+}

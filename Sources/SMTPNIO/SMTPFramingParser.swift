@@ -1,0 +1,168 @@
+import NIOCore
+import SMTPProtocol
+
+/// Strict, bounded framing of the bytes a client sends, run before any grammar parsing.
+///
+/// The state machine says how the next input is to be read (`SMTPServerStateMachine.FramingMode`):
+/// CRLF lines, a DATA section, or a BDAT chunk of n octets. Only CRLF ends a line; a bare LF is
+/// reported, never taken as a line end, and only CRLF "." CRLF ends DATA (RFC 5321 §2.3.8, §4.1.1.4 —
+/// the SMTP smuggling defence). Nothing is buffered without bound: an over-long line is discarded
+/// as it arrives and reported once its LF comes.
+public struct SMTPFramingParser: Sendable {
+    public enum Frame: Sendable {
+        /// A line without its CRLF.
+        case line(ByteBuffer)
+        /// A line longer than the mode allowed (it was discarded).
+        case lineTooLong
+        /// A line that ended with LF alone (it was discarded).
+        case bareLineFeed
+        /// A complete DATA section, after the terminating CRLF.CRLF.
+        case dataSection(DataSection)
+        /// A complete BDAT chunk (empty when discarded).
+        case chunk(ByteBuffer)
+    }
+
+    private struct DataProgress: Sendable {
+        var section = DataSection(content: ByteBuffer())
+        var size = 0
+        /// Inside a text line already known to be too long: discard up to its LF.
+        var discardingLine = false
+    }
+
+    private var buffer = ByteBuffer()
+    private var discardingLine = false
+    private var data: DataProgress?
+    private var chunkRemaining: Int?
+    private var chunk = ByteBuffer()
+
+    public init() {}
+
+    /// Octets received and not yet framed.
+    public var bufferedByteCount: Int { buffer.readableBytes }
+
+    public mutating func append(_ bytes: ByteBuffer) {
+        if buffer.readableBytes == 0 {
+            buffer = bytes
+        } else {
+            var bytes = bytes
+            buffer.writeBuffer(&bytes)
+        }
+    }
+
+    /// The next complete frame in `mode`, or nil when more input is needed.
+    public mutating func nextFrame(mode: SMTPServerStateMachine.FramingMode) -> Frame? {
+        defer {
+            if buffer.readerIndex > 65_536 { buffer.discardReadBytes() }
+        }
+        switch mode {
+        case .line(let maxLength):
+            return nextLine(maxLength: maxLength)
+        case .data(let maxSize):
+            return nextDataSection(maxSize: maxSize)
+        case .chunk(let size, let discard):
+            return nextChunk(size: size, discard: discard)
+        case .paused, .closed:
+            return nil
+        }
+    }
+
+    private static let lf = UInt8(ascii: "\n")
+    private static let cr = UInt8(ascii: "\r")
+
+    private mutating func nextLine(maxLength: Int) -> Frame? {
+        let view = buffer.readableBytesView
+        guard let lfIndex = view.firstIndex(of: Self.lf) else {
+            if discardingLine || view.count > maxLength {
+                discardingLine = true
+                buffer.moveReaderIndex(forwardBy: view.count)
+            }
+            return nil
+        }
+        let lineLength = lfIndex - view.startIndex + 1
+        let endsWithCRLF = lineLength >= 2 && view[lfIndex - 1] == Self.cr
+        if discardingLine || lineLength > maxLength {
+            discardingLine = false
+            buffer.moveReaderIndex(forwardBy: lineLength)
+            return .lineTooLong
+        }
+        guard endsWithCRLF else {
+            buffer.moveReaderIndex(forwardBy: lineLength)
+            return .bareLineFeed
+        }
+        let line = buffer.readSlice(length: lineLength - 2)!
+        buffer.moveReaderIndex(forwardBy: 2)
+        return .line(line)
+    }
+
+    private mutating func nextDataSection(maxSize: Int) -> Frame? {
+        var progress = data ?? DataProgress()
+        defer { data = progress }
+        while true {
+            let view = buffer.readableBytesView
+            guard let lfIndex = view.firstIndex(of: Self.lf) else {
+                // A partial line: keep it until its end arrives, unless it is already too long.
+                if progress.discardingLine || view.count > SMTPDefaults.maxTextLineLength {
+                    progress.section.hadLongLine = true
+                    progress.discardingLine = true
+                    buffer.moveReaderIndex(forwardBy: view.count)
+                }
+                return nil
+            }
+            let lineLength = lfIndex - view.startIndex + 1
+            if progress.discardingLine {
+                progress.discardingLine = false
+                buffer.moveReaderIndex(forwardBy: lineLength)
+                continue
+            }
+            let endsWithCRLF = lineLength >= 2 && view[lfIndex - 1] == Self.cr
+            let textLength = endsWithCRLF ? lineLength - 2 : lineLength - 1
+            let text = view[view.startIndex..<(view.startIndex + textLength)]
+            if endsWithCRLF && textLength == 1 && text.first == UInt8(ascii: ".") {
+                buffer.moveReaderIndex(forwardBy: lineLength)
+                data = nil
+                progress.section.content = progress.section.exceededSize ? ByteBuffer() : progress.section.content
+                let section = progress.section
+                progress = DataProgress()
+                return .dataSection(section)
+            }
+            if !endsWithCRLF || text.contains(Self.cr) { progress.section.hadBareCROrLF = true }
+            if lineLength > SMTPDefaults.maxTextLineLength { progress.section.hadLongLine = true }
+            // RFC 5321 §4.5.2: a leading dot was doubled by the client.
+            let stuffed = text.first == UInt8(ascii: ".") ? 1 : 0
+            let keep = lineLength - stuffed
+            progress.size += keep
+            if progress.size > maxSize {
+                if !progress.section.exceededSize {
+                    progress.section.exceededSize = true
+                    progress.section.content = ByteBuffer()
+                }
+                buffer.moveReaderIndex(forwardBy: lineLength)
+            } else {
+                buffer.moveReaderIndex(forwardBy: stuffed)
+                var line = buffer.readSlice(length: keep)!
+                progress.section.content.writeBuffer(&line)
+            }
+        }
+    }
+
+    private mutating func nextChunk(size: Int, discard: Bool) -> Frame? {
+        var remaining = chunkRemaining ?? size
+        if chunkRemaining == nil && !discard { chunk = ByteBuffer() }
+        let take = min(remaining, buffer.readableBytes)
+        if discard {
+            buffer.moveReaderIndex(forwardBy: take)
+        } else if take > 0 {
+            var slice = buffer.readSlice(length: take)!
+            chunk.writeBuffer(&slice)
+        }
+        remaining -= take
+        guard remaining == 0 else {
+            chunkRemaining = remaining
+            return nil
+        }
+        chunkRemaining = nil
+        let complete = discard ? ByteBuffer() : chunk
+        chunk = ByteBuffer()
+        return .chunk(complete)
+    }
+}

@@ -1,0 +1,133 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import NIOSSL
+import SMTPProtocol
+import ServiceLifecycle
+
+/// The SMTP listener as a `Service`: accepts connections, caps their number, and on graceful
+/// shutdown stops accepting, sends 421 to idle sessions, lets open transactions finish within
+/// `shutdownGrace`, then closes what is left.
+public final class SMTPServer: Service, Sendable {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: Int
+        public var maxConnections: Int
+        public var idleTimeout: TimeAmount
+        public var shutdownGrace: TimeAmount
+        public var session: SMTPServerConfiguration
+
+        public init(
+            host: String, port: Int, maxConnections: Int, idleTimeout: TimeAmount, shutdownGrace: TimeAmount,
+            session: SMTPServerConfiguration
+        ) {
+            self.host = host
+            self.port = port
+            self.maxConnections = maxConnections
+            self.idleTimeout = idleTimeout
+            self.shutdownGrace = shutdownGrace
+            self.session = session
+        }
+    }
+
+    private let configuration: Configuration
+    private let delegate: any SMTPServerDelegate
+    private let tlsContext: NIOSSLContext?
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
+    private let boundAddress = NIOLockedValueBox<SocketAddress?>(nil)
+
+    public init(
+        configuration: Configuration, delegate: any SMTPServerDelegate, tlsContext: NIOSSLContext?,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.delegate = delegate
+        self.tlsContext = tlsContext
+        self.group = group
+        self.logger = logger
+    }
+
+    /// The address the listener is bound to, once `run()` has bound it.
+    public var localAddress: SocketAddress? { boundAddress.withLockedValue { $0 } }
+
+    /// Connections open right now.
+    public var activeConnections: Int { connections.withLockedValue { $0.count } }
+
+    public func run() async throws {
+        let serverChannel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 512)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture { try self.initialize(channel) }
+            }
+            .bind(host: configuration.host, port: configuration.port)
+            .get()
+        boundAddress.withLockedValue { $0 = serverChannel.localAddress }
+        logger.info("SMTP listening", metadata: ["address": "\(serverChannel.localAddress.map { "\($0)" } ?? "?")"])
+
+        try await withGracefulShutdownHandler {
+            try await serverChannel.closeFuture.get()
+        } onGracefulShutdown: { [self] in
+            logger.info("SMTP shutting down: no new connections")
+            serverChannel.close(promise: nil)
+            for channel in connections.withLockedValue({ Array($0.values) }) {
+                channel.pipeline.fireUserInboundEventTriggered(SMTPServerShutdownEvent())
+            }
+        }
+        await drain()
+    }
+
+    /// Waits for open sessions to finish, up to the grace period, then closes the rest.
+    private func drain() async {
+        let deadline = NIODeadline.now() + configuration.shutdownGrace
+        while activeConnections > 0 && NIODeadline.now() < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        let remaining = connections.withLockedValue { Array($0.values) }
+        if !remaining.isEmpty { logger.warning("closing sessions still open after the grace period", metadata: ["count": "\(remaining.count)"]) }
+        for channel in remaining { channel.close(promise: nil) }
+    }
+
+    private func initialize(_ channel: any Channel) throws {
+        let id = ObjectIdentifier(channel)
+        let admitted = connections.withLockedValue { open -> Bool in
+            guard open.count < configuration.maxConnections else { return false }
+            open[id] = channel
+            return true
+        }
+        guard admitted else {
+            logger.warning("too many connections", metadata: ["client": "\(channel.remoteAddress?.ipAddress ?? "?")"])
+            try channel.pipeline.syncOperations.addHandler(RefuseConnectionHandler(reply: .tooManyConnections(configuration.session.hostname)))
+            return
+        }
+        channel.closeFuture.whenComplete { [connections] _ in
+            _ = connections.withLockedValue { $0.removeValue(forKey: id) }
+        }
+        try channel.pipeline.syncOperations.addHandlers(
+            IdleStateHandler(readTimeout: configuration.idleTimeout),
+            SMTPServerHandler(configuration: configuration.session, delegate: delegate, tlsContext: tlsContext, logger: logger)
+        )
+    }
+}
+
+/// Answers a connection over the limit with 421 and closes it.
+final class RefuseConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    private let reply: SMTPReply
+
+    init(reply: SMTPReply) { self.reply = reply }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var buffer = context.channel.allocator.buffer(capacity: 96)
+        reply.write(into: &buffer)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in loopBound.value.close(promise: nil) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}

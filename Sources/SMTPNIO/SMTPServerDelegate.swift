@@ -1,0 +1,43 @@
+import NIOCore
+import SMTPProtocol
+
+/// Facts about the connection, for policy decisions, logs and trace headers.
+public struct SMTPSessionInfo: Sendable {
+    /// The client's address (after a trusted PROXY header, the real client).
+    public var clientAddress: String
+    public var clientPort: Int
+    /// Negotiated TLS, e.g. "TLSv1.3", once STARTTLS completed.
+    public var tlsVersion: String?
+    public var tlsActive: Bool
+
+    public init(clientAddress: String, clientPort: Int, tlsVersion: String? = nil, tlsActive: Bool = false) {
+        self.clientAddress = clientAddress
+        self.clientPort = clientPort
+        self.tlsVersion = tlsVersion
+        self.tlsActive = tlsActive
+    }
+}
+
+/// How a message hand-off ended.
+public enum SMTPDeliveryOutcome: Sendable {
+    /// Durably queued under this id: the server may now say 250.
+    case queued(String)
+    /// Not queued; the reply says why (4yz: try later; 5yz: don't).
+    case rejected(SMTPReply)
+}
+
+/// What the SMTP server asks of the mail system. Implemented by the ingress service.
+/// Every method runs off the event loop; none may throw: a failure is a reply.
+public protocol SMTPServerDelegate: Sendable {
+    /// The account's canonical login when the credentials are right, nil when not.
+    /// Throws only for a temporary failure (the client gets 454 4.7.0).
+    func authenticate(login: String, password: String, session: SMTPSessionInfo) async throws -> String?
+    /// nil accepts the recipient; otherwise the rejection.
+    func checkRecipient(_ recipient: ForwardPath, envelope: Envelope, session: SMTPSessionInfo) async -> SMTPReply?
+    /// Stores the message durably before returning `.queued`.
+    func deliver(_ envelope: Envelope, content: ByteBuffer, session: SMTPSessionInfo) async -> SMTPDeliveryOutcome
+    func etrn(domain: String, session: SMTPSessionInfo) async -> SMTPReply
+    func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply
+    /// A transaction ended without a message (for logs and counters): the reply that ended it.
+    func transactionRejected(_ reply: SMTPReply, session: SMTPSessionInfo)
+}

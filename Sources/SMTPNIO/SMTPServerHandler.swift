@@ -1,0 +1,244 @@
+import Logging
+import NIOCore
+import NIOSSL
+import SMTPProtocol
+
+/// Sent through a connection's pipeline when the server shuts down gracefully.
+public struct SMTPServerShutdownEvent: Sendable {
+    public init() {}
+}
+
+/// The server side of one connection: frames input, feeds the state machine, and runs its actions.
+/// Only `run(_:context:)` touches the channel. While an asynchronous action is outstanding it stops
+/// reading (back-pressure) and frames nothing, so pipelined commands are answered in order.
+final class SMTPServerHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = Never
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var machine: SMTPServerStateMachine
+    private var framer = SMTPFramingParser()
+    private let delegate: any SMTPServerDelegate
+    private let tlsContext: NIOSSLContext?
+    private var logger: Logger
+    private var session: SMTPSessionInfo
+    private var isProcessing = false
+    private var needsFlush = false
+    private var closed = false
+    private var readPending = false
+
+    init(
+        configuration: SMTPServerConfiguration, delegate: any SMTPServerDelegate, tlsContext: NIOSSLContext?,
+        logger: Logger
+    ) {
+        self.machine = SMTPServerStateMachine(configuration: configuration)
+        self.delegate = delegate
+        self.tlsContext = tlsContext
+        self.logger = logger
+        self.session = SMTPSessionInfo(clientAddress: "unknown", clientPort: 0)
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if let remote = context.channel.remoteAddress {
+            session.clientAddress = remote.ipAddress ?? "unknown"
+            session.clientPort = remote.port ?? 0
+        }
+        logger[metadataKey: "client"] = "\(session.clientAddress):\(session.clientPort)"
+        logger.debug("connection opened")
+        run(machine.connectionEstablished(), context: context)
+        flushIfNeeded(context: context)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        logger.debug("connection closed")
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closed else { return }
+        framer.append(unwrapInboundIn(data))
+        processInput(context: context)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        // Back-pressure: no reads while an asynchronous action is outstanding.
+        if machine.framingMode == .paused {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
+            run(machine.idleTimeoutReached(), context: context)
+            flushIfNeeded(context: context)
+        } else if event is SMTPServerShutdownEvent {
+            run(machine.shutdownWasRequested(), context: context)
+            flushIfNeeded(context: context)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.debug("connection error", metadata: ["error": "\(error)"])
+        closed = true
+        context.close(promise: nil)
+    }
+
+    // MARK: Input
+
+    private func processInput(context: ChannelHandlerContext) {
+        guard !isProcessing else { return }
+        isProcessing = true
+        defer { isProcessing = false }
+        while !closed, let frame = framer.nextFrame(mode: machine.framingMode) {
+            let action: SMTPServerStateMachine.Action
+            switch frame {
+            case .line(let line): action = machine.lineReceived(line)
+            case .lineTooLong: action = machine.lineTooLongReceived()
+            case .bareLineFeed: action = machine.bareLineFeedReceived()
+            case .dataSection(let section): action = machine.dataSectionReceived(section)
+            case .chunk(let chunk): action = machine.chunkReceived(chunk)
+            }
+            run(action, context: context)
+        }
+        flushIfNeeded(context: context)
+        if readPending && machine.framingMode != .paused && !closed {
+            readPending = false
+            context.read()
+        }
+    }
+
+    private func flushIfNeeded(context: ChannelHandlerContext) {
+        if needsFlush {
+            needsFlush = false
+            context.flush()
+        }
+    }
+
+    // MARK: Actions
+
+    private func run(_ action: SMTPServerStateMachine.Action, context: ChannelHandlerContext) {
+        switch action {
+        case .none:
+            break
+        case .send(let replies, let thenClose):
+            var buffer = context.channel.allocator.buffer(capacity: 128)
+            for reply in replies { reply.write(into: &buffer) }
+            if thenClose {
+                closed = true
+                let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in loopBound.value.close(promise: nil) }
+            } else {
+                context.write(wrapOutboundOut(buffer), promise: nil)
+                needsFlush = true
+            }
+        case .closeSilently:
+            closed = true
+            context.close(promise: nil)
+        case .startTLS(let reply):
+            startTLS(reply, context: context)
+        case .authenticate(let login, let password):
+            let delegate = self.delegate
+            let session = self.session
+            perform(context: context) { () async -> Result<String?, any Error> in
+                do {
+                    return .success(try await delegate.authenticate(login: login, password: password, session: session))
+                } catch {
+                    return .failure(error)
+                }
+            } then: { handler, result in
+                switch result {
+                case .success(let user):
+                    if user == nil { handler.logger.info("authentication failed") }
+                    return handler.machine.authenticationCompleted(user: user)
+                case .failure(let error):
+                    handler.logger.error("authentication unavailable", metadata: ["error": "\(error)"])
+                    return handler.machine.authenticationFailedTemporarily()
+                }
+            }
+        case .checkRecipient(let recipient, let envelope):
+            let delegate = self.delegate
+            let session = self.session
+            perform(context: context) {
+                await delegate.checkRecipient(recipient, envelope: envelope, session: session)
+            } then: { handler, rejection in
+                handler.machine.recipientChecked(rejection: rejection)
+            }
+        case .deliver(let envelope, let content):
+            let delegate = self.delegate
+            let session = self.session
+            perform(context: context) {
+                await delegate.deliver(envelope, content: content, session: session)
+            } then: { handler, outcome in
+                switch outcome {
+                case .queued(let id): return handler.machine.deliveryCompleted(queueID: id)
+                case .rejected(let reply): return handler.machine.deliveryFailed(reply)
+                }
+            }
+        case .etrn(let domain):
+            let delegate = self.delegate
+            let session = self.session
+            perform(context: context) {
+                await delegate.etrn(domain: domain, session: session)
+            } then: { handler, reply in
+                handler.machine.etrnCompleted(reply)
+            }
+        case .atrn(let domains, let user):
+            let delegate = self.delegate
+            let session = self.session
+            perform(context: context) {
+                await delegate.atrn(domains: domains, user: user, session: session)
+            } then: { handler, reply in
+                handler.machine.atrnCompleted(reply)
+            }
+        }
+    }
+
+    /// Runs `work` off the event loop; back on it, feeds the result to the machine and resumes input.
+    private func perform<Value: Sendable>(
+        context: ChannelHandlerContext,
+        _ work: @escaping @Sendable () async -> Value,
+        then: @escaping (SMTPServerHandler, Value) -> SMTPServerStateMachine.Action
+    ) {
+        flushIfNeeded(context: context)
+        let promise = context.eventLoop.makePromise(of: Value.self)
+        promise.completeWithTask(work)
+        promise.futureResult.assumeIsolated().whenSuccess { result in
+            guard !self.closed else { return }
+            self.run(then(self, result), context: context)
+            self.processInput(context: context)
+        }
+    }
+
+    /// RFC 3207 §4.2 and the STARTTLS injection defence: anything the client sent after the
+    /// STARTTLS line was sent in plaintext and must not be read as if it came over TLS.
+    private func startTLS(_ reply: SMTPReply, context: ChannelHandlerContext) {
+        guard let tlsContext else {
+            run(.send([.tlsNotAvailable], thenClose: false), context: context)
+            return
+        }
+        if framer.bufferedByteCount > 0 {
+            logger.warning("plaintext pipelined behind STARTTLS, closing")
+            run(.closeSilently, context: context)
+            return
+        }
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        reply.write(into: &buffer)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        do {
+            try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tlsContext), position: .first)
+            machine.tlsEstablished()
+            session.tlsActive = true
+        } catch {
+            logger.error("cannot start TLS", metadata: ["error": "\(error)"])
+            closed = true
+            context.close(promise: nil)
+        }
+    }
+}
