@@ -73,9 +73,7 @@ let package = Package(
         .testTarget(name: "MailTierTests", dependencies: [
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2",
         ]),
-        .testTarget(name: "IntegrationTests", dependencies: [
-            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "SMTPNIO",
-        ]),
+        .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -413,7 +413,7 @@ struct EnvironmentReader {
             let domain = Self.trim(item).lowercased()
             if domain.isEmpty { continue }
             guard Self.isValidDomain(domain) else {
-                throw self.error(name, "expected comma-separated domain names, got an invalid item", got: domain)
+                throw self.error(name, "expected comma-separated domain names", got: domain)
             }
             if !domains.contains(domain) { domains.append(domain) }
         }

@@ -17,8 +17,8 @@ import NIOPosix
 /// The maildir `MailboxStore` (API.md, "Storage API → Maildir Storage").
 ///
 /// Layout: `<root>/<email, lowercased>/{cur,new,tmp}`, directories 0700, files 0600.
-/// A message is written to `tmp/<key>`, fsync'd, hard-linked to `new/<key>`, and `new/` is
-/// fsync'd before `deliver` returns. The delivery key is the maildir unique name, so a retried
+/// A message is written to `tmp/<key>` (under an exclusive `flock`), fsync'd, hard-linked to
+/// `new/<key>`, and `new/` is fsync'd before `deliver` returns. The delivery key is the maildir unique name, so a retried
 /// delivery of the same job finds its earlier copy and stores nothing.
 /// Every blocking call of the async API runs on `threadPool`.
 public struct MaildirStore: MailboxStore {
@@ -101,25 +101,28 @@ public struct MaildirStore: MailboxStore {
             if created { try FileStoreIO.fsyncDirectory(box) }
 
             let newPath = "\(box)/new/\(key)"
+            let tmpPath = "\(box)/tmp/\(key)"
+            // Attempts with one key are serialised by an exclusive lock on tmp/<key>, so that a
+            // second worker (lost lease) can never truncate a file already linked into new/.
+            let fd = try Self.openLockedTemporaryFile(tmpPath)
+            defer { try? FileStoreIO.close(fd, path: tmpPath) }  // after unlink: releases the lock
+
             // Already delivered: still in new/, or moved to cur/ by a reader (no flags or Seen).
             for existing in [newPath, "\(box)/cur/\(key):2,", "\(box)/cur/\(key):2,S", "\(box)/cur/\(key)"] {
-                if try FileStoreIO.lstatIfExists(existing) != nil { return false }
+                if try FileStoreIO.lstatIfExists(existing) != nil {
+                    try? FileStoreIO.unlinkIfExists(tmpPath)
+                    return false
+                }
             }
 
-            // O_TRUNC: a leftover of a crashed attempt with this key is overwritten.
-            // O_NOFOLLOW: never write through a symlink planted in tmp/.
-            let tmpPath = "\(box)/tmp/\(key)"
-            let fd = try FileStoreIO.open(tmpPath, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
-            var open = true
             do {
-                // The leftover may have had another mode; the link shares this inode.
+                // A leftover of a crashed attempt with this key is overwritten, and may have had
+                // another mode (new/<key> will share this inode).
+                if ftruncate(fd, 0) != 0 { throw FileStoreError.system("ftruncate", tmpPath, errno) }
                 if fchmod(fd, 0o600) != 0 { throw FileStoreError.system("fchmod", tmpPath, errno) }
                 try FileStoreIO.writeAll(fd, message, path: tmpPath)
                 try FileStoreIO.fsync(fd, path: tmpPath)
-                open = false
-                try FileStoreIO.close(fd, path: tmpPath)
             } catch {
-                if open { try? FileStoreIO.close(fd, path: tmpPath) }
                 try? FileStoreIO.unlinkIfExists(tmpPath)
                 throw error
             }
@@ -127,7 +130,7 @@ public struct MaildirStore: MailboxStore {
             if link(tmpPath, newPath) != 0 {
                 let code = errno
                 try? FileStoreIO.unlinkIfExists(tmpPath)
-                if code == EEXIST { return false }  // a concurrent attempt delivered it
+                if code == EEXIST { return false }  // delivered meanwhile by a program not taking the lock
                 throw FileStoreError.system("link", "\(tmpPath) -> \(newPath)", code)
             }
             do {
@@ -140,6 +143,36 @@ public struct MaildirStore: MailboxStore {
             }
             try? FileStoreIO.unlinkIfExists(tmpPath)
             return true
+        }
+    }
+
+    /// Opens (creating, mode 0600, never through a symlink) `path` and takes an exclusive
+    /// `flock` on it. A previous holder unlinks the file before releasing the lock, so after
+    /// locking, the descriptor must still be the file `path` names; otherwise try again.
+    static func openLockedTemporaryFile(_ path: String) throws(FileStoreError) -> Int32 {
+        while true {
+            let fd = try FileStoreIO.open(path, flags: O_WRONLY | O_CREAT | O_NOFOLLOW, mode: 0o600)
+            while flock(fd, LOCK_EX) != 0 {
+                let code = errno
+                if code == EINTR { continue }
+                try? FileStoreIO.close(fd, path: path)
+                throw .system("flock", path, code)
+            }
+            var held = stat()
+            guard fstat(fd, &held) == 0 else {
+                let code = errno
+                try? FileStoreIO.close(fd, path: path)
+                throw .system("fstat", path, code)
+            }
+            let named: stat?
+            do {
+                named = try FileStoreIO.lstatIfExists(path)
+            } catch {
+                try? FileStoreIO.close(fd, path: path)
+                throw error
+            }
+            if let named, named.st_dev == held.st_dev, named.st_ino == held.st_ino { return fd }
+            try? FileStoreIO.close(fd, path: path)
         }
     }
 

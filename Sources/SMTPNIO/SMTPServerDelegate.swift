@@ -38,6 +38,4 @@ public protocol SMTPServerDelegate: Sendable {
     func deliver(_ envelope: Envelope, content: ByteBuffer, session: SMTPSessionInfo) async -> SMTPDeliveryOutcome
     func etrn(domain: String, session: SMTPSessionInfo) async -> SMTPReply
     func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply
-    /// A transaction ended without a message (for logs and counters): the reply that ended it.
-    func transactionRejected(_ reply: SMTPReply, session: SMTPSessionInfo)
 }

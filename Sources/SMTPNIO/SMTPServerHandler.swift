@@ -102,8 +102,12 @@ final class SMTPServerHandler: ChannelDuplexHandler {
             case .line(let line): action = machine.lineReceived(line)
             case .lineTooLong: action = machine.lineTooLongReceived()
             case .bareLineFeed: action = machine.bareLineFeedReceived()
-            case .dataSection(let section): action = machine.dataSectionReceived(section)
-            case .chunk(let chunk): action = machine.chunkReceived(chunk)
+            case .dataSection(let section):
+                action = machine.dataSectionReceived(section)
+                logIfRejected(action)
+            case .chunk(let chunk):
+                action = machine.chunkReceived(chunk)
+                logIfRejected(action)
             }
             run(action, context: context)
         }
@@ -112,6 +116,12 @@ final class SMTPServerHandler: ChannelDuplexHandler {
             readPending = false
             context.read()
         }
+    }
+
+    /// One log line for a message refused at the end of its content (size, bare CR/LF, long line).
+    private func logIfRejected(_ action: SMTPServerStateMachine.Action) {
+        guard case .send(let replies, _) = action, let reply = replies.first, !reply.isPositive else { return }
+        logger.info("message rejected", metadata: ["reply": "\(reply.code) \(reply.enhancedCode.map { "\($0)" } ?? "") \(reply.lines[0])"])
     }
 
     private func flushIfNeeded(context: ChannelHandlerContext) {
@@ -177,8 +187,11 @@ final class SMTPServerHandler: ChannelDuplexHandler {
                 await delegate.deliver(envelope, content: content, session: session)
             } then: { handler, outcome in
                 switch outcome {
-                case .queued(let id): return handler.machine.deliveryCompleted(queueID: id)
-                case .rejected(let reply): return handler.machine.deliveryFailed(reply)
+                case .queued(let id):
+                    return handler.machine.deliveryCompleted(queueID: id)
+                case .rejected(let reply):
+                    handler.logger.info("message rejected", metadata: ["reply": "\(reply.code) \(reply.lines[0])"])
+                    return handler.machine.deliveryFailed(reply)
                 }
             }
         case .etrn(let domain):

@@ -1,1 +1,137 @@
-print("hi")
+// smtp-server: reads the configuration, builds the adapters, runs the roles in one ServiceGroup.
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import MailTier
+import MailTierArgon2
+import MailTierFiles
+import MailTierSQLite
+import NIOCore
+import NIOPosix
+import NIOSSL
+import SMTPNIO
+import SMTPProtocol
+import ServiceLifecycle
+
+func fail(_ message: String, code: Int32 = 2) -> Never {
+    FileHandle.standardError.write(Data("smtp-server: \(message)\n".utf8))
+    exit(code)
+}
+
+let arguments = CommandLine.arguments.dropFirst()
+if arguments.contains("--help") || arguments.contains("-h") {
+    print("Usage: smtp-server [--help]\n\nMailTier SMTP server. Configured by environment variables:\n")
+    print(Configuration.helpText)
+    exit(0)
+}
+if let unknown = arguments.first {
+    fail("unknown argument \(unknown) (see smtp-server --help)")
+}
+
+let configuration: Configuration
+do {
+    configuration = try Configuration.load(from: ProcessInfo.processInfo.environment)
+} catch {
+    fail(error.description)
+}
+guard configuration.storageType == .maildir else {
+    fail("SMTP_STORAGE_TYPE: \"\(configuration.storageType.rawValue)\" is not available in this version (maildir is)")
+}
+guard configuration.role == .all || configuration.role == .ingress || configuration.role == .delivery else {
+    fail("SMTP_ROLE: \"\(configuration.role.rawValue)\" is not available in this version (all, ingress, delivery are)")
+}
+
+let logLevel = configuration.loggerLevel
+LoggingSystem.bootstrap { label in
+    var handler = StreamLogHandler.standardOutput(label: label)
+    handler.logLevel = logLevel
+    return handler
+}
+let logger = Logger(label: "mailtier")
+
+var tlsContext: NIOSSLContext?
+if configuration.enableTLS, let certPath = configuration.tlsCert, let keyPath = configuration.tlsKey {
+    do {
+        let chain = try NIOSSLCertificate.fromPEMFile(certPath).map { NIOSSLCertificateSource.certificate($0) }
+        guard !chain.isEmpty else { fail("SMTP_TLS_CERT: no certificate in \(certPath)") }
+        let key = try NIOSSLPrivateKey(file: keyPath, format: .pem)
+        tlsContext = try NIOSSLContext(configuration: .makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)))
+    } catch {
+        fail("SMTP_TLS_CERT/SMTP_TLS_KEY: cannot load the certificate or key: \(error)")
+    }
+}
+
+let threadPool = NIOThreadPool(numberOfThreads: 8)
+threadPool.start()
+
+let database: SQLiteDatabase
+let spool: SpoolBlobStore
+do {
+    database = try SQLiteDatabase(path: configuration.dbPath, threadPool: threadPool)
+} catch {
+    fail("SMTP_DB_PATH: cannot open \(configuration.dbPath): \(error)", code: 1)
+}
+do {
+    spool = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: threadPool)
+} catch {
+    fail("SMTP_SPOOL_PATH: cannot use \(configuration.spoolPath): \(error)", code: 1)
+}
+var hostnameBuffer = [CChar](repeating: 0, count: 256)
+gethostname(&hostnameBuffer, 255)
+let machineName = String(decoding: hostnameBuffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+let mailboxes = MaildirStore(root: configuration.storagePath, hostname: machineName.isEmpty ? configuration.hostname : machineName, threadPool: threadPool)
+let accounts = AccountService(users: SQLiteUserStore(database: database), hasher: Argon2idHasher(threadPool: threadPool))
+let queue = SQLiteMessageQueue(database: database)
+
+do {
+    if let password = try await accounts.ensureAdmin(
+        username: configuration.adminUsername, email: configuration.adminEmail, password: configuration.adminPassword)
+    {
+        FileHandle.standardOutput.write(Data("Created admin user '\(configuration.adminUsername)' with password: \(password)\n".utf8))
+    }
+} catch {
+    fail("cannot create the first admin user \(configuration.adminUsername): \(error)", code: 1)
+}
+
+let doorbell = Doorbell()
+var services: [any Service] = []
+if configuration.role == .all || configuration.role == .ingress {
+    let ingress = IngressService(
+        configuration: configuration, accounts: accounts, queue: queue, spool: spool,
+        newMail: configuration.role == .all ? doorbell : nil, logger: logger)
+    services.append(
+        SMTPServer(
+            configuration: .init(
+                host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
+                idleTimeout: .seconds(Int64(configuration.timeoutSeconds)),
+                shutdownGrace: .seconds(Int64(configuration.shutdownGraceSeconds)),
+                session: SMTPServerConfiguration(
+                    hostname: configuration.hostname, maxMessageSize: configuration.maxMessageSize,
+                    maxRecipients: configuration.maxRecipients, tlsAvailable: tlsContext != nil,
+                    authRequired: configuration.enableAuth, deliverByMinimum: configuration.deliverByMinSeconds)),
+            delegate: ingress, tlsContext: tlsContext, logger: logger))
+}
+if configuration.role == .all || configuration.role == .delivery {
+    services.append(
+        DeliveryService(
+            queue: queue, spool: spool, mailboxes: mailboxes,
+            settings: .init(exclusive: configuration.role == .all, pollInterval: .seconds(configuration.queuePollSeconds)),
+            doorbell: doorbell, logger: logger))
+}
+
+let group = ServiceGroup(
+    configuration: .init(
+        services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) },
+        gracefulShutdownSignals: [.sigterm, .sigint],
+        logger: logger))
+do {
+    try await group.run()
+} catch {
+    logger.error("stopped with an error", metadata: ["error": "\(error)"])
+    try? await threadPool.shutdownGracefully()
+    exit(1)
+}
+try? await threadPool.shutdownGracefully()
+logger.info("stopped")

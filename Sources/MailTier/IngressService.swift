@@ -1,0 +1,228 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Crypto
+import Logging
+import NIOCore
+import SMTPNIO
+import SMTPProtocol
+
+/// The ingress role: SMTP policy (who may send, who may receive) and the durability contract
+/// of DESIGN.md — blob first, then one transaction, and only then 250.
+public struct IngressService: SMTPServerDelegate {
+    public let configuration: Configuration
+    public let accounts: AccountService
+    public let queue: any MessageQueue
+    public let spool: any BlobStore
+    /// Rung after each accepted message, so an in-process delivery loop starts at once.
+    public let newMail: Doorbell?
+    public let logger: Logger
+
+    public init(
+        configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
+        newMail: Doorbell?, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.accounts = accounts
+        self.queue = queue
+        self.spool = spool
+        self.newMail = newMail
+        self.logger = logger
+    }
+
+    // MARK: AUTH
+
+    public func authenticate(login: String, password: String, session: SMTPSessionInfo) async throws -> String? {
+        let user = try await accounts.authenticate(login: login, password: password)
+        if user == nil {
+            logger.info("AUTH failed", metadata: ["client": "\(session.clientAddress)"])
+        }
+        return user?.username
+    }
+
+    // MARK: RCPT
+
+    /// Where a recipient goes: a local mailbox (an enabled account), a remote domain, or nowhere.
+    public enum Route: Sendable, Equatable {
+        case local(mailbox: String)
+        case remote(domain: String)
+        case rejected(SMTPReply)
+    }
+
+    public func route(_ recipient: ForwardPath, authenticated: Bool) async throws -> Route {
+        let mailbox: Mailbox
+        switch recipient {
+        case .postmaster:
+            guard let admin = try await firstAdmin() else { return .rejected(.userUnknown("Postmaster")) }
+            return .local(mailbox: admin.email)
+        case .mailbox(let value):
+            mailbox = value
+        }
+        let address = mailbox.description
+        if mailbox.localPart.lowercased() == "postmaster" && configuration.isLocalDomain(mailbox.domain),
+            try await accounts.users.user(email: address) == nil, let admin = try await firstAdmin()
+        {
+            // RFC 5321 §4.5.1: postmaster at every local domain.
+            return .local(mailbox: admin.email)
+        }
+        if let user = try await accounts.users.user(email: address) {
+            guard user.enabled else { return .rejected(.userUnknown(address)) }
+            return .local(mailbox: user.email)
+        }
+        if configuration.isLocalDomain(mailbox.domain) { return .rejected(.userUnknown(address)) }
+        guard authenticated else { return .rejected(.relayDenied(address)) }
+        return .remote(domain: mailbox.normalizedDomain)
+    }
+
+    private func firstAdmin() async throws -> User? {
+        try await accounts.users.list(offset: 0, limit: 1000).users.first { $0.isAdmin && $0.enabled }
+    }
+
+    public func checkRecipient(_ recipient: ForwardPath, envelope: Envelope, session: SMTPSessionInfo) async -> SMTPReply? {
+        do {
+            switch try await route(recipient, authenticated: envelope.authenticatedUser != nil) {
+            case .local, .remote:
+                return nil
+            case .rejected(let reply):
+                logger.info(
+                    "RCPT rejected",
+                    metadata: ["client": "\(session.clientAddress)", "from": "<\(envelope.reversePath)>", "to": "<\(recipient)>", "reply": "\(reply.code) \(reply.enhancedCode.map { "\($0)" } ?? "")"])
+                return reply
+            }
+        } catch {
+            logger.error("RCPT lookup failed", metadata: ["error": "\(error)"])
+            return SMTPReply(451, .init(4, 3, 0), "Temporary lookup failure, try again later")
+        }
+    }
+
+    // MARK: DATA / BDAT LAST
+
+    public func deliver(_ envelope: Envelope, content: ByteBuffer, session: SMTPSessionInfo) async -> SMTPDeliveryOutcome {
+        let id = MessageID.make()
+        let now = Date()
+        do {
+            var recipients: [QueuedRecipient] = []
+            for recipient in envelope.recipients {
+                switch try await route(recipient, authenticated: envelope.authenticatedUser != nil) {
+                case .local(let mailbox):
+                    let domain = mailbox.split(separator: "@").last.map { $0.lowercased() } ?? ""
+                    if !recipients.contains(where: { $0.address == mailbox }) {
+                        recipients.append(QueuedRecipient(address: mailbox, domain: domain, isLocal: true))
+                    }
+                case .remote(let domain):
+                    recipients.append(QueuedRecipient(address: "\(recipient)", domain: domain, isLocal: false))
+                case .rejected:
+                    break  // The account went away between RCPT and now.
+                }
+            }
+            guard !recipients.isEmpty else { return .rejected(.noValidRecipients) }
+
+            var blob = ByteBufferAllocator().buffer(capacity: content.readableBytes + 256)
+            blob.writeString(receivedHeader(id: id, envelope: envelope, session: session, date: now))
+            blob.writeImmutableBuffer(content)
+            var hasher = SHA256()
+            blob.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
+            let digest = hasher.finalize()
+            let message = QueuedMessage(
+                id: id, blobKey: id, sha256: digest.map { byteHex($0) }.joined(), sizeBytes: blob.readableBytes,
+                mailFrom: envelope.reversePath.description, subject: Self.subject(of: content),
+                smtputf8: envelope.parameters.smtputf8, bodyType: envelope.parameters.body?.rawValue,
+                deliverBy: envelope.parameters.deliverBy.map { now.addingTimeInterval(Double($0.seconds)) },
+                deliverByMode: envelope.parameters.deliverBy?.mode.rawValue, clientAddress: session.clientAddress,
+                heloName: envelope.heloName, authenticatedUser: envelope.authenticatedUser, createdAt: now)
+
+            // 1. The blob, durable. 2. The rows, in one transaction. 3. Only then 250.
+            try await spool.put(key: message.blobKey, data: blob)
+            try await queue.enqueue(message, recipients: recipients, maxAttempts: configuration.maxAttempts)
+            newMail?.ring()
+            logger.info(
+                "message accepted",
+                metadata: [
+                    "queue_id": "\(id)", "client": "\(session.clientAddress)", "from": "<\(envelope.reversePath)>",
+                    "recipients": "\(recipients.count)", "size": "\(blob.readableBytes)",
+                ])
+            return .queued(id)
+        } catch {
+            logger.error(
+                "message not queued", metadata: ["queue_id": "\(id)", "client": "\(session.clientAddress)", "error": "\(error)"])
+            return .rejected(.storageFailure)
+        }
+    }
+
+    /// RFC 5321 §4.4 trace field; RFC 3848 / RFC 6531 protocol names.
+    func receivedHeader(id: String, envelope: Envelope, session: SMTPSessionInfo, date: Date) -> String {
+        var with = envelope.parameters.smtputf8 ? "UTF8SMTP" : (envelope.usedEHLO ? "ESMTP" : "SMTP")
+        if envelope.tlsActive { with += "S" }
+        if envelope.authenticatedUser != nil { with += "A" }
+        let helo = envelope.heloName.isEmpty ? "unknown" : envelope.heloName
+        var header = "Received: from \(helo) ([\(session.clientAddress)])\r\n"
+        header += "\tby \(configuration.hostname) (MailTier) with \(with) id \(id)"
+        if envelope.recipients.count == 1, let only = envelope.recipients.first {
+            header += "\r\n\tfor <\(only)>"
+        }
+        header += "; \(MailDate.rfc5322(date))\r\n"
+        return header
+    }
+
+    /// The first `Subject:` field of the header section, unfolded, at most 998 characters.
+    static func subject(of content: ByteBuffer) -> String? {
+        let view = content.readableBytesView
+        var lines: [Substring] = []
+        let headerEnd = view.count < 65_536 ? view.endIndex : view.startIndex + 65_536
+        let text = String(decoding: view[view.startIndex..<headerEnd], as: UTF8.self)
+        for line in text.split(separator: "\r\n", omittingEmptySubsequences: false) {
+            if line.isEmpty { break }
+            lines.append(line)
+        }
+        guard let start = lines.firstIndex(where: { $0.lowercased().hasPrefix("subject:") }) else { return nil }
+        var value = String(lines[start].dropFirst("subject:".count))
+        var next = start + 1
+        while next < lines.count, let first = lines[next].first, first == " " || first == "\t" {
+            value += lines[next]
+            next += 1
+        }
+        while let first = value.first, first == " " || first == "\t" { value.removeFirst() }
+        while let last = value.last, last == " " || last == "\t" { value.removeLast() }
+        return String(value.prefix(998))
+    }
+
+    // MARK: ETRN / ATRN
+
+    public func etrn(domain: String, session: SMTPSessionInfo) async -> SMTPReply {
+        do {
+            let count = try await queue.makeDue(domain: domain.lowercased(), now: Date())
+            if count > 0 { newMail?.ring() }
+            logger.info("ETRN", metadata: ["client": "\(session.clientAddress)", "domain": "\(domain)", "recipients": "\(count)"])
+            return .queuingStarted(domain)
+        } catch {
+            logger.error("ETRN failed", metadata: ["error": "\(error)"])
+            return SMTPReply(458, .init(4, 3, 0), "Unable to queue messages for \(domain)")
+        }
+    }
+
+    public func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply {
+        do {
+            guard let account = try await accounts.users.user(named: user), account.enabled else {
+                return .atrnRefused(domains.first ?? "")
+            }
+            let ownDomain = account.email.split(separator: "@").last.map { $0.lowercased() } ?? ""
+            for domain in domains where !account.isAdmin && domain.lowercased() != ownDomain {
+                return .atrnRefused(domain)
+            }
+            var waiting = 0
+            for domain in domains { waiting += try await queue.waitingCount(domain: domain.lowercased()) }
+            logger.info("ATRN", metadata: ["client": "\(session.clientAddress)", "user": "\(user)", "waiting": "\(waiting)"])
+            return waiting == 0 ? .noMail : .atrnUnavailable
+        } catch {
+            logger.error("ATRN failed", metadata: ["error": "\(error)"])
+            return .atrnUnavailable
+        }
+    }
+}
+
+private func byteHex(_ byte: UInt8) -> String {
+    let digits = Array("0123456789abcdef")
+    return String([digits[Int(byte >> 4)], digits[Int(byte & 0x0F)]])
+}

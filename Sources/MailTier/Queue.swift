@@ -1,0 +1,122 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// One accepted message, as the queue records it (`queue_messages`).
+public struct QueuedMessage: Sendable, Equatable {
+    public var id: String
+    public var blobKey: String
+    /// Hex SHA-256 of the blob.
+    public var sha256: String
+    public var sizeBytes: Int
+    /// The reverse path, empty for `<>`.
+    public var mailFrom: String
+    public var subject: String?
+    public var smtputf8: Bool
+    public var bodyType: String?
+    public var deliverBy: Date?
+    public var deliverByMode: String?
+    public var clientAddress: String
+    public var heloName: String
+    public var authenticatedUser: String?
+    public var createdAt: Date
+
+    public init(
+        id: String, blobKey: String, sha256: String, sizeBytes: Int, mailFrom: String, subject: String?, smtputf8: Bool,
+        bodyType: String?, deliverBy: Date?, deliverByMode: String?, clientAddress: String, heloName: String,
+        authenticatedUser: String?, createdAt: Date
+    ) {
+        self.id = id
+        self.blobKey = blobKey
+        self.sha256 = sha256
+        self.sizeBytes = sizeBytes
+        self.mailFrom = mailFrom
+        self.subject = subject
+        self.smtputf8 = smtputf8
+        self.bodyType = bodyType
+        self.deliverBy = deliverBy
+        self.deliverByMode = deliverByMode
+        self.clientAddress = clientAddress
+        self.heloName = heloName
+        self.authenticatedUser = authenticatedUser
+        self.createdAt = createdAt
+    }
+}
+
+/// A recipient of a new message: where it goes, decided at RCPT time.
+public struct QueuedRecipient: Sendable, Equatable {
+    /// The address to deliver to (for a local recipient, the account's mailbox address).
+    public var address: String
+    public var domain: String
+    public var isLocal: Bool
+
+    public init(address: String, domain: String, isLocal: Bool) {
+        self.address = address
+        self.domain = domain
+        self.isLocal = isLocal
+    }
+}
+
+/// One recipient's delivery, claimed by a worker under a lease.
+public struct DeliveryJob: Sendable, Equatable {
+    public var id: Int64
+    public var messageID: String
+    public var blobKey: String
+    public var mailFrom: String
+    public var recipient: String
+    public var isLocal: Bool
+    /// Attempts made before this one.
+    public var attempts: Int
+    public var maxAttempts: Int
+    /// Fences every result: a result is recorded only while this token still holds the lease.
+    public var leaseToken: String
+    /// Stable across retries of this job: makes local delivery idempotent.
+    public var deliveryKey: String
+
+    public init(
+        id: Int64, messageID: String, blobKey: String, mailFrom: String, recipient: String, isLocal: Bool, attempts: Int,
+        maxAttempts: Int, leaseToken: String, deliveryKey: String
+    ) {
+        self.id = id
+        self.messageID = messageID
+        self.blobKey = blobKey
+        self.mailFrom = mailFrom
+        self.recipient = recipient
+        self.isLocal = isLocal
+        self.attempts = attempts
+        self.maxAttempts = maxAttempts
+        self.leaseToken = leaseToken
+        self.deliveryKey = deliveryKey
+    }
+}
+
+/// What became of one delivery attempt.
+public enum DeliveryOutcome: Sendable, Equatable {
+    case delivered
+    case retry(error: String, at: Date)
+    case failed(error: String)
+}
+
+/// The queue of accepted messages and their recipients (`queue_messages`, `queue_recipients`).
+public protocol MessageQueue: Sendable {
+    /// Inserts the message, its recipients and their jobs in one durable transaction.
+    func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws
+    /// Claims up to `limit` due jobs (pending or retry, `next_retry <= now`, no live lease) with a fresh
+    /// lease token until `now + lease`. A job without a delivery key gets one from `makeDeliveryKey`.
+    func claimDue(now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String) async throws
+        -> [DeliveryJob]
+    /// Records outcomes in one transaction, each fenced by its lease token (a job whose lease was lost
+    /// is left alone). Messages whose every recipient is now delivered are removed; their blob keys
+    /// are returned, to be deleted after the commit.
+    func record(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> [String]
+    /// Drops every lease (embedded mode at start: no other worker can hold one).
+    func releaseAllLeases() async throws
+    /// ETRN: makes every waiting recipient at `domain` due now. Returns how many.
+    func makeDue(domain: String, now: Date) async throws -> Int
+    /// Number of recipients at `domain` still waiting for delivery.
+    func waitingCount(domain: String) async throws -> Int
+    /// Every blob key a message row refers to (for garbage collection of orphan blobs).
+    func referencedBlobKeys() async throws -> Set<String>
+}

@@ -1,0 +1,151 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import MailTier
+
+/// The queue in SQLite (embedded mode). Claims run in `BEGIN IMMEDIATE` transactions, so two
+/// workers never claim the same job; results are fenced by the lease token.
+public struct SQLiteMessageQueue: MessageQueue {
+    public let database: SQLiteDatabase
+
+    public init(database: SQLiteDatabase) {
+        self.database = database
+    }
+
+    private static func seconds(_ date: Date) -> Int64 { Int64(date.timeIntervalSince1970.rounded(.down)) }
+
+    public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
+        try await database.write { db in
+            try db.execute(
+                """
+                INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, smtputf8, body_type,
+                    deliver_by, by_mode, client_ip, helo, auth_user, created_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                [
+                    .text(message.id), .text(message.blobKey), .text(message.sha256), .integer(Int64(message.sizeBytes)),
+                    .text(message.mailFrom), .optionalText(message.subject), .bool(message.smtputf8),
+                    .optionalText(message.bodyType), .optionalInteger(message.deliverBy.map(Self.seconds)),
+                    .optionalText(message.deliverByMode), .text(message.clientAddress), .text(message.heloName),
+                    .optionalText(message.authenticatedUser), .integer(Self.seconds(message.createdAt)),
+                ])
+            for recipient in recipients {
+                try db.execute(
+                    """
+                    INSERT INTO queue_recipients (message_id, recipient, domain, is_local, status, attempts, max_attempts,
+                        next_retry, deliver_by)
+                    VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?)
+                    """,
+                    [
+                        .text(message.id), .text(recipient.address), .text(recipient.domain), .bool(recipient.isLocal),
+                        .integer(Int64(maxAttempts)), .integer(Self.seconds(message.createdAt)),
+                        .optionalInteger(message.deliverBy.map(Self.seconds)),
+                    ])
+            }
+        }
+    }
+
+    public func claimDue(
+        now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String
+    ) async throws -> [DeliveryJob] {
+        let nowSeconds = Self.seconds(now)
+        let leaseUntil = nowSeconds + lease.components.seconds
+        return try await database.write { db in
+            let rows = try db.query(
+                """
+                SELECT r.id, r.message_id, r.recipient, r.is_local, r.attempts, r.max_attempts, r.delivery_key,
+                       m.blob_key, m.mail_from
+                FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id
+                WHERE r.status IN ('pending', 'retry') AND r.next_retry <= ?
+                  AND (r.lease_until IS NULL OR r.lease_until < ?)
+                  \(localOnly ? "AND r.is_local = 1" : "")
+                ORDER BY r.next_retry, r.id
+                LIMIT ?
+                """,
+                [.integer(nowSeconds), .integer(nowSeconds), .integer(Int64(limit))])
+            var jobs: [DeliveryJob] = []
+            for row in rows {
+                let id = row.int("id")!
+                let token = MessageID.make()
+                let key = row.string("delivery_key") ?? makeDeliveryKey()
+                try db.execute(
+                    "UPDATE queue_recipients SET lease_token = ?, lease_until = ?, delivery_key = ? WHERE id = ?",
+                    [.text(token), .integer(leaseUntil), .text(key), .integer(id)])
+                jobs.append(
+                    DeliveryJob(
+                        id: id, messageID: row.string("message_id")!, blobKey: row.string("blob_key")!,
+                        mailFrom: row.string("mail_from") ?? "", recipient: row.string("recipient")!,
+                        isLocal: row.int("is_local") == 1, attempts: Int(row.int("attempts") ?? 0),
+                        maxAttempts: Int(row.int("max_attempts") ?? 5), leaseToken: token, deliveryKey: key))
+            }
+            return jobs
+        }
+    }
+
+    public func record(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> [String] {
+        try await database.write { db in
+            var touched: [String] = []
+            for (job, outcome) in outcomes {
+                let clearLease = "lease_token = NULL, lease_until = NULL, attempts = attempts + 1"
+                switch outcome {
+                case .delivered:
+                    try db.execute(
+                        "UPDATE queue_recipients SET status = 'delivered', last_error = NULL, \(clearLease) WHERE id = ? AND lease_token = ?",
+                        [.integer(job.id), .text(job.leaseToken)])
+                case .retry(let error, let at):
+                    try db.execute(
+                        "UPDATE queue_recipients SET status = 'retry', last_error = ?, next_retry = ?, \(clearLease) WHERE id = ? AND lease_token = ?",
+                        [.text(error), .integer(Self.seconds(at)), .integer(job.id), .text(job.leaseToken)])
+                case .failed(let error):
+                    try db.execute(
+                        "UPDATE queue_recipients SET status = 'failed', last_error = ?, \(clearLease) WHERE id = ? AND lease_token = ?",
+                        [.text(error), .integer(job.id), .text(job.leaseToken)])
+                }
+                if db.changes == 1 && !touched.contains(job.messageID) { touched.append(job.messageID) }
+            }
+            var finished: [String] = []
+            for messageID in touched {
+                let open = try db.query(
+                    "SELECT COUNT(*) AS n FROM queue_recipients WHERE message_id = ? AND status != 'delivered'",
+                    [.text(messageID)])
+                guard open.first?.int("n") == 0 else { continue }
+                if let blobKey = try db.query("SELECT blob_key FROM queue_messages WHERE id = ?", [.text(messageID)]).first?.string("blob_key") {
+                    finished.append(blobKey)
+                }
+                try db.execute("DELETE FROM queue_messages WHERE id = ?", [.text(messageID)])
+            }
+            return finished
+        }
+    }
+
+    public func releaseAllLeases() async throws {
+        try await database.write { db in
+            try db.execute("UPDATE queue_recipients SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL")
+        }
+    }
+
+    public func makeDue(domain: String, now: Date) async throws -> Int {
+        try await database.write { db in
+            try db.execute(
+                "UPDATE queue_recipients SET next_retry = ? WHERE domain = ? AND status IN ('pending', 'retry')",
+                [.integer(Self.seconds(now)), .text(domain)])
+            return db.changes
+        }
+    }
+
+    public func waitingCount(domain: String) async throws -> Int {
+        try await database.read { db in
+            let rows = try db.query(
+                "SELECT COUNT(*) AS n FROM queue_recipients WHERE domain = ? AND status IN ('pending', 'retry')", [.text(domain)])
+            return Int(rows.first?.int("n") ?? 0)
+        }
+    }
+
+    public func referencedBlobKeys() async throws -> Set<String> {
+        try await database.read { db in
+            Set(try db.query("SELECT blob_key FROM queue_messages").compactMap { $0.string("blob_key") })
+        }
+    }
+}

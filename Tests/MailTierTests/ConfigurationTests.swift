@@ -1,0 +1,340 @@
+import Foundation
+import Logging
+import MailTier
+import Testing
+
+private func load(_ environment: [String: String]) throws(ConfigurationError) -> Configuration {
+    try Configuration.load(from: environment)
+}
+
+/// The one-line error for `environment`, or nil if it loads.
+private func errorLine(_ environment: [String: String]) -> String? {
+    do {
+        _ = try Configuration.load(from: environment)
+        return nil
+    } catch {
+        return error.description
+    }
+}
+
+/// A readable file for the TLS tests, removed by `remove()`.
+private struct TempFiles {
+    let directory: String
+
+    init() throws {
+        self.directory = NSTemporaryDirectory() + "/mailtier-config-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
+    }
+
+    func file(_ name: String) throws -> String {
+        let path = self.directory + "/" + name
+        try Data("-----BEGIN PEM-----\n".utf8).write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: self.directory) }
+}
+
+@Suite("ConfigurationTests")
+struct ConfigurationTests {
+    @Test func defaultsMatchTheAPITable() throws {
+        let config = try load([:])
+        // API.md, "Configuration API → Environment Variables".
+        #expect(config.port == 2525)
+        #expect(config.host == "0.0.0.0")
+        #expect(config.maxConnections == 100)
+        #expect(config.maxMessageSize == 52_428_800)
+        #expect(config.timeoutSeconds == 300)
+        #expect(config.hostname == "localhost")
+        #expect(config.dbPath == "smtp.db")
+        #expect(config.storageType == .maildir)
+        #expect(config.storagePath == "/var/mail")
+        #expect(config.enableTLS == false)
+        #expect(config.tlsCert == nil)
+        #expect(config.tlsKey == nil)
+        #expect(config.enableAuth == true)
+        #expect(config.healthPort == 8080)
+        #expect(config.metricsPort == 8081)
+        #expect(config.logLevel == .info)
+        #expect(config.enableSpamAssassin == false)
+        #expect(config.spamAssassinHost == "127.0.0.1")
+        #expect(config.spamAssassinPort == 783)
+        #expect(config.enableClamAV == false)
+        #expect(config.clamAVHost == "127.0.0.1")
+        #expect(config.clamAVPort == 3310)
+        // MailTier's additions.
+        #expect(config.localDomains == [])
+        #expect(config.spoolPath == "spool")
+        #expect(config.adminUsername == "admin")
+        #expect(config.adminPassword == nil)
+        #expect(config.adminEmail == "admin@localhost")
+        #expect(config.maxRecipients == 100)
+        #expect(config.deliverByMinSeconds == 86400)
+        #expect(config.role == .all)
+        #expect(config.shutdownGraceSeconds == 30)
+        #expect(config.queuePollSeconds == 5)
+        #expect(config.maxAttempts == 5)
+
+        #expect(config == Configuration())
+    }
+
+    @Test func emptyValuesMeanUnset() throws {
+        var environment: [String: String] = [:]
+        for variable in Configuration.variables { environment[variable.name] = "" }
+        #expect(try load(environment) == Configuration())
+    }
+
+    @Test func everyVariableIsRead() throws {
+        let config = try load([
+            "SMTP_PORT": "25", "SMTP_HOST": "::1", "SMTP_MAX_CONNECTIONS": "200",
+            "SMTP_MAX_MESSAGE_SIZE": "1024", "SMTP_TIMEOUT_SECONDS": "86400", "SMTP_HOSTNAME": "MX1.Example.com",
+            "SMTP_DB_PATH": "/data/smtp.db", "SMTP_STORAGE_TYPE": "TimeSeries", "SMTP_STORAGE_PATH": "/srv/mail",
+            "SMTP_ENABLE_TLS": "off", "SMTP_TLS_CERT": "/missing/cert.pem", "SMTP_TLS_KEY": "/missing/key.pem",
+            "SMTP_ENABLE_AUTH": "No", "SMTP_HEALTH_PORT": "9080", "SMTP_METRICS_PORT": "9081",
+            "SMTP_LOG_LEVEL": "warn", "SMTP_ENABLE_SPAMASSASSIN": "YES", "SMTP_SPAMASSASSIN_HOST": "spamd.internal.example",
+            "SMTP_SPAMASSASSIN_PORT": "1783", "SMTP_ENABLE_CLAMAV": "1", "SMTP_CLAMAV_HOST": "10.0.0.7",
+            "SMTP_CLAMAV_PORT": "13310", "SMTP_LOCAL_DOMAINS": "Example.COM, mail.example.org,,example.com,",
+            "SMTP_SPOOL_PATH": "/var/spool/mailtier", "SMTP_ADMIN_USERNAME": "root", "SMTP_ADMIN_PASSWORD": "s3cret pass",
+            "SMTP_ADMIN_EMAIL": "postmaster@example.com", "SMTP_MAX_RECIPIENTS": "1000",
+            "SMTP_DELIVERBY_MIN_SECONDS": "0", "SMTP_ROLE": "delivery", "SMTP_SHUTDOWN_GRACE_SECONDS": "0",
+            "SMTP_QUEUE_POLL_SECONDS": "60", "SMTP_MAX_ATTEMPTS": "10",
+        ])
+        #expect(config.port == 25)
+        #expect(config.host == "::1")
+        #expect(config.maxConnections == 200)
+        #expect(config.maxMessageSize == 1024)
+        #expect(config.timeoutSeconds == 86400)
+        #expect(config.hostname == "mx1.example.com")
+        #expect(config.dbPath == "/data/smtp.db")
+        #expect(config.storageType == .timeseries)
+        #expect(config.storagePath == "/srv/mail")
+        #expect(config.enableTLS == false)
+        #expect(config.tlsCert == "/missing/cert.pem")  // not checked while TLS is off
+        #expect(config.tlsKey == "/missing/key.pem")
+        #expect(config.enableAuth == false)
+        #expect(config.healthPort == 9080)
+        #expect(config.metricsPort == 9081)
+        #expect(config.logLevel == .warn)
+        #expect(config.enableSpamAssassin)
+        #expect(config.spamAssassinHost == "spamd.internal.example")
+        #expect(config.spamAssassinPort == 1783)
+        #expect(config.enableClamAV)
+        #expect(config.clamAVHost == "10.0.0.7")
+        #expect(config.clamAVPort == 13310)
+        #expect(config.localDomains == ["example.com", "mail.example.org"])
+        #expect(config.spoolPath == "/var/spool/mailtier")
+        #expect(config.adminUsername == "root")
+        #expect(config.adminPassword == "s3cret pass")
+        #expect(config.adminEmail == "postmaster@example.com")
+        #expect(config.maxRecipients == 1000)
+        #expect(config.deliverByMinSeconds == 0)
+        #expect(config.role == .delivery)
+        #expect(config.shutdownGraceSeconds == 0)
+        #expect(config.queuePollSeconds == 60)
+        #expect(config.maxAttempts == 10)
+    }
+
+    @Test func booleanSpellings() throws {
+        for (text, value) in [
+            ("true", true), ("TRUE", true), ("1", true), ("yes", true), ("On", true),
+            ("false", false), ("False", false), ("0", false), ("no", false), ("OFF", false),
+        ] {
+            #expect(try load(["SMTP_ENABLE_AUTH": text]).enableAuth == value, "\(text)")
+        }
+    }
+
+    @Test func logLevelMapsToSwiftLog() throws {
+        #expect(Configuration.LogLevel.debug.loggerLevel == .debug)
+        #expect(Configuration.LogLevel.info.loggerLevel == .info)
+        #expect(Configuration.LogLevel.warn.loggerLevel == Logger.Level.warning)
+        #expect(Configuration.LogLevel.error.loggerLevel == .error)
+        #expect(try load(["SMTP_LOG_LEVEL": "ERROR"]).loggerLevel == .error)
+    }
+
+    @Test func adminEmailDefaultsToUsernameAtHostname() throws {
+        let config = try load(["SMTP_ADMIN_USERNAME": "boss", "SMTP_HOSTNAME": "mx.example.net"])
+        #expect(config.adminEmail == "boss@mx.example.net")
+        #expect(
+            errorLine(["SMTP_ADMIN_USERNAME": "a@b"])
+                == #"SMTP_ADMIN_EMAIL: the default "a@b@localhost" is not a valid address; set SMTP_ADMIN_EMAIL"#)
+        #expect(try load(["SMTP_ADMIN_USERNAME": "a@b", "SMTP_ADMIN_EMAIL": "a@b.example"]).adminEmail == "a@b.example")
+    }
+
+    // Every variable, its bad values, and the exact line each must give.
+    static let badValues: [(variable: String, value: String, line: String)] = [
+        ("SMTP_PORT", "abc", #"SMTP_PORT: expected an integer from 1 to 65535, got "abc""#),
+        ("SMTP_PORT", "0", #"SMTP_PORT: expected an integer from 1 to 65535, got "0""#),
+        ("SMTP_PORT", "65536", #"SMTP_PORT: expected an integer from 1 to 65535, got "65536""#),
+        ("SMTP_PORT", "-1", #"SMTP_PORT: expected an integer from 1 to 65535, got "-1""#),
+        ("SMTP_PORT", "25.0", #"SMTP_PORT: expected an integer from 1 to 65535, got "25.0""#),
+        ("SMTP_PORT", "99999999999999999999999", #"SMTP_PORT: expected an integer from 1 to 65535, got "99999999999999999999999""#),
+        ("SMTP_HOST", "not a host", #"SMTP_HOST: expected an IP address or a host name, got "not a host""#),
+        ("SMTP_HOST", "999.1.1.1", #"SMTP_HOST: expected an IP address or a host name, got "999.1.1.1""#),
+        ("SMTP_MAX_CONNECTIONS", "0", #"SMTP_MAX_CONNECTIONS: expected an integer from 1 to 100000, got "0""#),
+        ("SMTP_MAX_CONNECTIONS", "100001", #"SMTP_MAX_CONNECTIONS: expected an integer from 1 to 100000, got "100001""#),
+        ("SMTP_MAX_MESSAGE_SIZE", "1023", #"SMTP_MAX_MESSAGE_SIZE: expected an integer from 1024 to 2147483648, got "1023""#),
+        ("SMTP_MAX_MESSAGE_SIZE", "2147483649", #"SMTP_MAX_MESSAGE_SIZE: expected an integer from 1024 to 2147483648, got "2147483649""#),
+        ("SMTP_MAX_MESSAGE_SIZE", "50MB", #"SMTP_MAX_MESSAGE_SIZE: expected an integer from 1024 to 2147483648, got "50MB""#),
+        ("SMTP_TIMEOUT_SECONDS", "0", #"SMTP_TIMEOUT_SECONDS: expected an integer from 1 to 86400, got "0""#),
+        ("SMTP_TIMEOUT_SECONDS", "86401", #"SMTP_TIMEOUT_SECONDS: expected an integer from 1 to 86400, got "86401""#),
+        ("SMTP_HOSTNAME", "mail", #"SMTP_HOSTNAME: expected a domain name or localhost, got "mail""#),
+        ("SMTP_HOSTNAME", "-bad.example.com", #"SMTP_HOSTNAME: expected a domain name or localhost, got "-bad.example.com""#),
+        ("SMTP_HOSTNAME", "a..example.com", #"SMTP_HOSTNAME: expected a domain name or localhost, got "a..example.com""#),
+        ("SMTP_HOSTNAME", "under_score.example", #"SMTP_HOSTNAME: expected a domain name or localhost, got "under_score.example""#),
+        ("SMTP_HOSTNAME", "127.0.0.1", #"SMTP_HOSTNAME: expected a domain name or localhost, got "127.0.0.1""#),
+        ("SMTP_HOSTNAME", "evil.example\r\nQUIT", #"SMTP_HOSTNAME: expected a domain name or localhost, got "evil.example\r\nQUIT""#),
+        ("SMTP_DB_PATH", "a\nb", #"SMTP_DB_PATH: expected a path without control characters, got "a\nb""#),
+        ("SMTP_STORAGE_TYPE", "s4", #"SMTP_STORAGE_TYPE: expected one of maildir, mbox, database, s3, timeseries, got "s4""#),
+        ("SMTP_STORAGE_PATH", "x\u{7}", #"SMTP_STORAGE_PATH: expected a path without control characters, got "x\u{7}""#),
+        ("SMTP_ENABLE_TLS", "maybe", #"SMTP_ENABLE_TLS: expected a boolean (true/false, 1/0, yes/no, on/off), got "maybe""#),
+        ("SMTP_TLS_CERT", "a\tb", #"SMTP_TLS_CERT: expected a path without control characters, got "a\tb""#),
+        ("SMTP_TLS_KEY", "a\tb", "SMTP_TLS_KEY: expected a path without control characters, got <hidden>"),
+        ("SMTP_ENABLE_AUTH", "2", #"SMTP_ENABLE_AUTH: expected a boolean (true/false, 1/0, yes/no, on/off), got "2""#),
+        ("SMTP_HEALTH_PORT", "http", #"SMTP_HEALTH_PORT: expected an integer from 1 to 65535, got "http""#),
+        ("SMTP_HEALTH_PORT", "2525", #"SMTP_HEALTH_PORT: must differ from SMTP_PORT, got "2525""#),
+        ("SMTP_METRICS_PORT", "70000", #"SMTP_METRICS_PORT: expected an integer from 1 to 65535, got "70000""#),
+        ("SMTP_METRICS_PORT", "8080", #"SMTP_METRICS_PORT: must differ from SMTP_HEALTH_PORT, got "8080""#),
+        ("SMTP_METRICS_PORT", "2525", #"SMTP_METRICS_PORT: must differ from SMTP_PORT, got "2525""#),
+        ("SMTP_LOG_LEVEL", "warning", #"SMTP_LOG_LEVEL: expected one of debug, info, warn, error, got "warning""#),
+        ("SMTP_ENABLE_SPAMASSASSIN", "enabled", #"SMTP_ENABLE_SPAMASSASSIN: expected a boolean (true/false, 1/0, yes/no, on/off), got "enabled""#),
+        ("SMTP_SPAMASSASSIN_HOST", "spam d", #"SMTP_SPAMASSASSIN_HOST: expected an IP address or a host name, got "spam d""#),
+        ("SMTP_SPAMASSASSIN_PORT", "0", #"SMTP_SPAMASSASSIN_PORT: expected an integer from 1 to 65535, got "0""#),
+        ("SMTP_ENABLE_CLAMAV", "y", #"SMTP_ENABLE_CLAMAV: expected a boolean (true/false, 1/0, yes/no, on/off), got "y""#),
+        ("SMTP_CLAMAV_HOST", "clam/av", #"SMTP_CLAMAV_HOST: expected an IP address or a host name, got "clam/av""#),
+        ("SMTP_CLAMAV_PORT", "3310x", #"SMTP_CLAMAV_PORT: expected an integer from 1 to 65535, got "3310x""#),
+        ("SMTP_LOCAL_DOMAINS", "example.com, bad_domain", #"SMTP_LOCAL_DOMAINS: expected comma-separated domain names, got "bad_domain""#),
+        ("SMTP_LOCAL_DOMAINS", "example.com;example.org", #"SMTP_LOCAL_DOMAINS: expected comma-separated domain names, got "example.com;example.org""#),
+        ("SMTP_SPOOL_PATH", "\u{1b}[31m", #"SMTP_SPOOL_PATH: expected a path without control characters, got "\u{1b}[31m""#),
+        ("SMTP_ADMIN_USERNAME", "ad min", #"SMTP_ADMIN_USERNAME: expected 1 to 64 characters without spaces, control characters or ':', got "ad min""#),
+        ("SMTP_ADMIN_USERNAME", "a:b", #"SMTP_ADMIN_USERNAME: expected 1 to 64 characters without spaces, control characters or ':', got "a:b""#),
+        ("SMTP_ADMIN_PASSWORD", "pass\nword", "SMTP_ADMIN_PASSWORD: must not contain control characters, got <hidden>"),
+        ("SMTP_ADMIN_EMAIL", "admin", #"SMTP_ADMIN_EMAIL: expected an email address like user@example.com, got "admin""#),
+        ("SMTP_ADMIN_EMAIL", "admin@nodot", #"SMTP_ADMIN_EMAIL: expected an email address like user@example.com, got "admin@nodot""#),
+        ("SMTP_MAX_RECIPIENTS", "0", #"SMTP_MAX_RECIPIENTS: expected an integer from 1 to 100000, got "0""#),
+        ("SMTP_DELIVERBY_MIN_SECONDS", "-5", #"SMTP_DELIVERBY_MIN_SECONDS: expected an integer from 0 to 999999999, got "-5""#),
+        ("SMTP_DELIVERBY_MIN_SECONDS", "1000000000", #"SMTP_DELIVERBY_MIN_SECONDS: expected an integer from 0 to 999999999, got "1000000000""#),
+        ("SMTP_ROLE", "worker", #"SMTP_ROLE: expected one of ingress, delivery, admin, all, got "worker""#),
+        ("SMTP_SHUTDOWN_GRACE_SECONDS", "3601", #"SMTP_SHUTDOWN_GRACE_SECONDS: expected an integer from 0 to 3600, got "3601""#),
+        ("SMTP_QUEUE_POLL_SECONDS", "0", #"SMTP_QUEUE_POLL_SECONDS: expected an integer from 1 to 3600, got "0""#),
+        ("SMTP_MAX_ATTEMPTS", "101", #"SMTP_MAX_ATTEMPTS: expected an integer from 1 to 100, got "101""#),
+    ]
+
+    @Test(arguments: Self.badValues.indices)
+    func badValueGivesExactOneLineError(index: Int) {
+        let (variable, value, line) = Self.badValues[index]
+        do {
+            _ = try Configuration.load(from: [variable: value])
+            Issue.record("\(variable)=\(value) was accepted")
+        } catch {
+            #expect(error.variable == variable)
+            #expect(error.description == line)
+            #expect(!error.description.contains("\n") && !error.description.contains("\r"))
+        }
+    }
+
+    @Test func everyVariableHasABadValueCase() {
+        let covered = Set(Self.badValues.map(\.variable))
+        for variable in Configuration.variables {
+            #expect(covered.contains(variable.name), "no bad-value case for \(variable.name)")
+        }
+    }
+
+    @Test func longValuesAreShortenedInErrors() {
+        let line = errorLine(["SMTP_PORT": String(repeating: "9", count: 500)])
+        #expect(line == "SMTP_PORT: expected an integer from 1 to 65535, got \"\(String(repeating: "9", count: 64))...\"")
+    }
+
+    @Test func secretValuesAreNeverShown() throws {
+        let files = try TempFiles()
+        defer { files.remove() }
+        let cert = try files.file("cert.pem")
+        let secretPath = files.directory + "/TOPSECRET-key.pem"
+        let line = errorLine(["SMTP_ENABLE_TLS": "true", "SMTP_TLS_CERT": cert, "SMTP_TLS_KEY": secretPath])
+        #expect(line == "SMTP_TLS_KEY: expected a readable file, got <hidden>")
+        #expect(line?.contains("TOPSECRET") == false)
+
+        let password = errorLine(["SMTP_ADMIN_PASSWORD": "hunter2\u{0}"])
+        #expect(password == "SMTP_ADMIN_PASSWORD: must not contain control characters, got <hidden>")
+        #expect(password?.contains("hunter2") == false)
+    }
+
+    @Test func tlsRequiresReadableCertificateAndKey() throws {
+        let files = try TempFiles()
+        defer { files.remove() }
+        let cert = try files.file("cert.pem")
+        let key = try files.file("key.pem")
+
+        #expect(errorLine(["SMTP_ENABLE_TLS": "true"]) == "SMTP_TLS_CERT: required when SMTP_ENABLE_TLS is true")
+        #expect(
+            errorLine(["SMTP_ENABLE_TLS": "true", "SMTP_TLS_CERT": cert])
+                == "SMTP_TLS_KEY: required when SMTP_ENABLE_TLS is true")
+        #expect(
+            errorLine(["SMTP_ENABLE_TLS": "true", "SMTP_TLS_KEY": key])
+                == "SMTP_TLS_CERT: required when SMTP_ENABLE_TLS is true")
+        #expect(
+            errorLine(["SMTP_ENABLE_TLS": "true", "SMTP_TLS_CERT": files.directory + "/nope.pem", "SMTP_TLS_KEY": key])
+                == "SMTP_TLS_CERT: expected a readable file, got \"\(files.directory)/nope.pem\"")
+        // A directory is not a certificate file.
+        #expect(
+            errorLine(["SMTP_ENABLE_TLS": "true", "SMTP_TLS_CERT": files.directory, "SMTP_TLS_KEY": key])
+                == "SMTP_TLS_CERT: expected a readable file, got \"\(files.directory)\"")
+
+        let config = try load(["SMTP_ENABLE_TLS": "yes", "SMTP_TLS_CERT": cert, "SMTP_TLS_KEY": key])
+        #expect(config.enableTLS)
+        #expect(config.tlsCert == cert)
+        #expect(config.tlsKey == key)
+    }
+
+    @Test func localDomains() throws {
+        #expect(try load(["SMTP_LOCAL_DOMAINS": "example.com"]).localDomains == ["example.com"])
+        #expect(try load(["SMTP_LOCAL_DOMAINS": " A.Example.COM ,b.example.org"]).localDomains == ["a.example.com", "b.example.org"])
+        #expect(try load(["SMTP_LOCAL_DOMAINS": "localhost,example.com,EXAMPLE.com"]).localDomains == ["localhost", "example.com"])
+        #expect(try load(["SMTP_LOCAL_DOMAINS": ","]).localDomains == [])
+
+        let config = try load(["SMTP_LOCAL_DOMAINS": "example.com,mail.example.org"])
+        #expect(config.isLocalDomain("example.com"))
+        #expect(config.isLocalDomain("EXAMPLE.Com"))
+        #expect(config.isLocalDomain("Mail.Example.Org."))
+        #expect(!config.isLocalDomain("sub.example.com"))
+        #expect(!config.isLocalDomain("example.net"))
+        #expect(!config.isLocalDomain(""))
+        #expect(!Configuration().isLocalDomain("localhost"))
+    }
+
+    @Test func valuesAreTrimmedForNumbersBooleansAndChoices() throws {
+        let config = try load(["SMTP_PORT": " 25 ", "SMTP_ENABLE_AUTH": "\tfalse", "SMTP_ROLE": "Ingress "])
+        #expect(config.port == 25)
+        #expect(config.enableAuth == false)
+        #expect(config.role == .ingress)
+    }
+
+    @Test func helpTextListsEveryVariableInColumns() {
+        let text = Configuration.helpText
+        let lines = text.split(separator: "\n").map(String.init)
+        var descriptionColumn: Int?
+        for variable in Configuration.variables {
+            let line = lines.first { $0.hasPrefix("  \(variable.name) ") }
+            guard let line else {
+                Issue.record("\(variable.name) missing from help")
+                continue
+            }
+            #expect(line.contains(" \(variable.defaultValue) "), "\(line)")
+            let column = line.range(of: variable.summary)!.lowerBound.utf16Offset(in: line)
+            if let descriptionColumn { #expect(column == descriptionColumn, "\(line)") }
+            descriptionColumn = column
+        }
+        for name in [
+            "SMTP_PORT", "SMTP_HOST", "SMTP_MAX_CONNECTIONS", "SMTP_MAX_MESSAGE_SIZE", "SMTP_TIMEOUT_SECONDS",
+            "SMTP_HOSTNAME", "SMTP_DB_PATH", "SMTP_STORAGE_TYPE", "SMTP_STORAGE_PATH", "SMTP_ENABLE_TLS",
+            "SMTP_TLS_CERT", "SMTP_TLS_KEY", "SMTP_ENABLE_AUTH", "SMTP_HEALTH_PORT", "SMTP_METRICS_PORT",
+            "SMTP_LOG_LEVEL", "SMTP_ENABLE_SPAMASSASSIN", "SMTP_SPAMASSASSIN_HOST", "SMTP_SPAMASSASSIN_PORT",
+            "SMTP_ENABLE_CLAMAV", "SMTP_CLAMAV_HOST", "SMTP_CLAMAV_PORT", "SMTP_LOCAL_DOMAINS", "SMTP_SPOOL_PATH",
+            "SMTP_ADMIN_USERNAME", "SMTP_ADMIN_PASSWORD", "SMTP_ADMIN_EMAIL", "SMTP_MAX_RECIPIENTS",
+            "SMTP_DELIVERBY_MIN_SECONDS", "SMTP_ROLE", "SMTP_SHUTDOWN_GRACE_SECONDS", "SMTP_QUEUE_POLL_SECONDS",
+            "SMTP_MAX_ATTEMPTS",
+        ] {
+            #expect(Configuration.variables.contains { $0.name == name }, "\(name)")
+        }
+        #expect(Configuration.variables.count == 33)
+    }
+}
