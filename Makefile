@@ -1,0 +1,40 @@
+# MailTier — the two commands: `make run` and `make test`.
+SHELL := /bin/bash
+
+# Where `make run` keeps its state (embedded mode: SQLite, spool, maildirs, a self-signed certificate).
+DATA ?= $(CURDIR)/data
+
+.PHONY: run test deps build release clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	swift build
+
+release: deps
+	swift build -c release
+
+## Builds and starts embedded mode on port 2525 (STARTTLS with a self-signed certificate,
+## AUTH required). Any SMTP_* variable you set overrides these.
+run: build
+	@mkdir -p $(DATA)/tls
+	@[ -f $(DATA)/tls/cert.pem ] || openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=localhost" \
+		-addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+		-keyout $(DATA)/tls/key.pem -out $(DATA)/tls/cert.pem 2>/dev/null
+	SMTP_DB_PATH=$${SMTP_DB_PATH:-$(DATA)/smtp.db} \
+	SMTP_STORAGE_PATH=$${SMTP_STORAGE_PATH:-$(DATA)/mail} \
+	SMTP_SPOOL_PATH=$${SMTP_SPOOL_PATH:-$(DATA)/spool} \
+	SMTP_ENABLE_TLS=$${SMTP_ENABLE_TLS:-true} \
+	SMTP_TLS_CERT=$${SMTP_TLS_CERT:-$(DATA)/tls/cert.pem} \
+	SMTP_TLS_KEY=$${SMTP_TLS_KEY:-$(DATA)/tls/key.pem} \
+	SMTP_LOCAL_DOMAINS=$${SMTP_LOCAL_DOMAINS:-example.com} \
+	.build/debug/smtp-server
+
+## Installs what the tests need, builds, and runs every test against real parts.
+test: deps
+	swift build --build-tests
+	MAILTIER_REQUIRE_SERVICES=1 swift test
+
+clean:
+	rm -rf .build $(DATA)
