@@ -293,7 +293,7 @@ struct EnvironmentReader {
         return upper.contains("PASSWORD") || upper.contains("SECRET") || upper.contains("KEY")
     }
 
-    /// A value as it may appear in an error: quoted, escaped onto one line, at most 64
+    /// A value as it may appear in an error: quoted, escaped onto one line, at most 200
     /// characters, or `<hidden>` for a secret variable.
     static func shown(_ value: String, of name: String) -> String {
         Self.isSecret(name) ? "<hidden>" : Self.quote(value)
@@ -303,7 +303,7 @@ struct EnvironmentReader {
         var result = "\""
         var count = 0
         for scalar in value.unicodeScalars {
-            if count == 64 {
+            if count == 200 {
                 result += "..."
                 break
             }

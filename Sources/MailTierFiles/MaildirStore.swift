@@ -92,8 +92,11 @@ public struct MaildirStore: MailboxStore {
     public func deliver(_ message: ByteBuffer, to mailbox: String, deliveryKey key: String) async throws -> Bool {
         let box = try self.maildirPath(of: mailbox)
         try Self.checkDeliveryKey(key, root: self.root)
+        let root = self.root
         return try await self.threadPool.runIfActive {
-            try FileStoreIO.makeDirectories(box, mode: 0o700, syncParents: true)
+            // A root created here is 0700 too: its listing is the list of addresses.
+            try FileStoreIO.makeDirectories(root, mode: 0o700, syncParents: true)
+            if try FileStoreIO.makeDirectory(box, mode: 0o700) { try FileStoreIO.fsyncDirectory(root) }
             var created = false
             for sub in ["tmp", "new", "cur"] {
                 if try FileStoreIO.makeDirectory("\(box)/\(sub)", mode: 0o700) { created = true }

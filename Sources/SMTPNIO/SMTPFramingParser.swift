@@ -27,6 +27,11 @@ public struct SMTPFramingParser: Sendable {
         var size = 0
         /// Inside a text line already known to be too long: discard up to its LF.
         var discardingLine = false
+        /// The previous line ended with CRLF (the DATA command line did): a "." line ends
+        /// the section only then, so `LF . CRLF` is not a terminator.
+        var previousEndedWithCRLF = true
+        /// The last octet discarded from an over-long line was a CR (its LF may come next).
+        var discardedCR = false
     }
 
     private var buffer = ByteBuffer()
@@ -104,6 +109,7 @@ public struct SMTPFramingParser: Sendable {
                 if progress.discardingLine || view.count > SMTPDefaults.maxTextLineLength {
                     progress.section.hadLongLine = true
                     progress.discardingLine = true
+                    if let last = view.last { progress.discardedCR = last == Self.cr }
                     buffer.moveReaderIndex(forwardBy: view.count)
                 }
                 return nil
@@ -111,20 +117,25 @@ public struct SMTPFramingParser: Sendable {
             let lineLength = lfIndex - view.startIndex + 1
             if progress.discardingLine {
                 progress.discardingLine = false
+                progress.previousEndedWithCRLF = lineLength >= 2 ? view[lfIndex - 1] == Self.cr : progress.discardedCR
                 buffer.moveReaderIndex(forwardBy: lineLength)
                 continue
             }
             let endsWithCRLF = lineLength >= 2 && view[lfIndex - 1] == Self.cr
             let textLength = endsWithCRLF ? lineLength - 2 : lineLength - 1
             let text = view[view.startIndex..<(view.startIndex + textLength)]
-            if endsWithCRLF && textLength == 1 && text.first == UInt8(ascii: ".") {
+            if endsWithCRLF && progress.previousEndedWithCRLF && textLength == 1 && text.first == UInt8(ascii: ".") {
                 buffer.moveReaderIndex(forwardBy: lineLength)
                 data = nil
-                progress.section.content = progress.section.exceededSize ? ByteBuffer() : progress.section.content
+                // A refused message keeps no content: it is never stored.
+                if progress.section.exceededSize || progress.section.hadLongLine || progress.section.hadBareCROrLF {
+                    progress.section.content = ByteBuffer()
+                }
                 let section = progress.section
                 progress = DataProgress()
                 return .dataSection(section)
             }
+            progress.previousEndedWithCRLF = endsWithCRLF
             if !endsWithCRLF || text.contains(Self.cr) { progress.section.hadBareCROrLF = true }
             if lineLength > SMTPDefaults.maxTextLineLength { progress.section.hadLongLine = true }
             // RFC 5321 §4.5.2: a leading dot was doubled by the client.

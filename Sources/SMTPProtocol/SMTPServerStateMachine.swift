@@ -34,7 +34,7 @@ public struct SMTPServerConfiguration: Sendable, Hashable {
 /// `atrn`) back with the matching `…Completed` event. While one is outstanding `framingMode` is
 /// `.paused`: the handler reads no further input, so pipelined commands keep their order.
 public struct SMTPServerStateMachine: Sendable {
-    public enum Action: Sendable {
+    public enum Action: Sendable, Equatable {
         /// Write the replies; close afterwards when `thenClose`.
         case send([SMTPReply], thenClose: Bool)
         /// Close without a reply (plaintext injected behind STARTTLS).

@@ -550,12 +550,12 @@ final class ServerHarness {
 /// removed afterwards, also when `body` throws or an expectation failed.
 func withServer<T>(
     _ overrides: [String: String] = [:], unset: Set<String> = [],
-    prepare: (URL) throws -> [String: String] = { _ in [:] },
+    prepare: (URL) async throws -> [String: String] = { _ in [:] },
     _ body: (ServerHarness) async throws -> T
 ) async throws -> T {
     let harness = try ServerHarness(overrides: overrides, unset: unset)
     do {
-        harness.addEnvironment(try prepare(harness.directory))
+        harness.addEnvironment(try await prepare(harness.directory))
         try await harness.start()
         let result = try await body(harness)
         await harness.cleanup()
@@ -573,5 +573,453 @@ extension ServerHarness {
     /// Adds variables before the first start (e.g. certificate paths made in `directory`).
     func addEnvironment(_ extra: [String: String]) {
         environment.merge(extra) { _, new in new }
+    }
+}
+
+// MARK: - Raw-socket dialogues (Support/smtp_session.py)
+
+/// What one reading step of `smtp_session.py` saw.
+struct StepResult: Decodable, Sendable {
+    var step: Int?
+    var replies: [[String]]?
+    var extra: [String]?
+    var eof: Bool?
+    var timeout: Bool?
+    var error: String?
+    var mark: String?
+
+    var lines: [String] { (replies ?? []).flatMap { $0 } + (extra ?? []) }
+}
+
+/// A scripted raw-socket SMTP dialogue. Each `cmd`/`send(_:expect:)` records the exact
+/// reply lines it expects; `run` plays the script and checks every expectation,
+/// reporting a mismatch at the line of the test that stated it.
+///
+/// An expected line ending in `*` matches any line with that prefix (for queue ids).
+struct SMTPScript {
+    fileprivate enum Op {
+        case send([UInt8])
+        case expect(Int, Double)
+        case eof(Double)
+        case tls(String)
+        case close
+        case mark(String)
+        case waitFile(String, Double)
+    }
+
+    fileprivate struct Step {
+        var conn: String
+        var op: Op
+    }
+
+    fileprivate struct Check {
+        var step: Int
+        var sent: String
+        var expected: [String]
+        var closed: Bool
+        var location: SourceLocation
+    }
+
+    fileprivate var steps: [Step] = []
+    fileprivate var checks: [Check] = []
+    private var lastSent: [String: String] = [:]
+
+    static let greetingLine = "220 \(ServerHarness.hostname) ESMTP MailTier"
+
+    /// Number of replies in `lines` (a reply ends at a line whose 4th octet is not `-`).
+    static func replyCount(_ lines: [String]) -> Int {
+        lines.filter { line in
+            let chars = Array(line.utf8)
+            return chars.count < 4 || chars[3] != UInt8(ascii: "-")
+        }.count
+    }
+
+    static func describe(_ bytes: [UInt8]) -> String {
+        var text = String(decoding: bytes.prefix(300), as: UTF8.self)
+        text = text.replacingOccurrences(of: "\r", with: "\\r").replacingOccurrences(of: "\n", with: "\\n")
+        return bytes.count > 300 ? text + "…(\(bytes.count) octets)" : text
+    }
+
+    /// Expects the greeting on connection `conn` (opened on first use).
+    mutating func greeting(conn: String = "0", sourceLocation: SourceLocation = #_sourceLocation) {
+        expect([Self.greetingLine], conn: conn, sourceLocation: sourceLocation)
+    }
+
+    /// Sends exactly `bytes` in one write, expecting nothing yet.
+    mutating func send(_ bytes: [UInt8], conn: String = "0") {
+        steps.append(Step(conn: conn, op: .send(bytes)))
+        lastSent[conn] = Self.describe(bytes)
+    }
+
+    mutating func send(_ text: String, conn: String = "0") { send(Array(text.utf8), conn: conn) }
+
+    /// Sends exactly `bytes` in one write and expects these reply lines.
+    @discardableResult
+    mutating func send(
+        _ bytes: [UInt8], expect expected: [String], conn: String = "0", timeout: Double = 10,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) -> Int {
+        send(bytes, conn: conn)
+        return expect(expected, conn: conn, timeout: timeout, sourceLocation: sourceLocation)
+    }
+
+    @discardableResult
+    mutating func send(
+        _ text: String, expect expected: [String], conn: String = "0", timeout: Double = 10,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) -> Int {
+        send(Array(text.utf8), expect: expected, conn: conn, timeout: timeout, sourceLocation: sourceLocation)
+    }
+
+    /// Sends `line` + CRLF and expects these reply lines.
+    @discardableResult
+    mutating func cmd(
+        _ line: String, _ expected: [String], conn: String = "0", timeout: Double = 10,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) -> Int {
+        send(Array((line + "\r\n").utf8), expect: expected, conn: conn, timeout: timeout, sourceLocation: sourceLocation)
+    }
+
+    @discardableResult
+    mutating func cmd(
+        _ line: String, _ expected: String..., conn: String = "0", timeout: Double = 10,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) -> Int {
+        cmd(line, expected, conn: conn, timeout: timeout, sourceLocation: sourceLocation)
+    }
+
+    /// Reads replies (as many as `expected` holds) and checks them.
+    @discardableResult
+    mutating func expect(
+        _ expected: [String], conn: String = "0", timeout: Double = 10,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) -> Int {
+        let index = steps.count
+        steps.append(Step(conn: conn, op: .expect(Self.replyCount(expected), timeout)))
+        checks.append(Check(step: index, sent: lastSent[conn] ?? "(nothing)", expected: expected, closed: false, location: sourceLocation))
+        lastSent[conn] = nil
+        return index
+    }
+
+    /// Reads until the server closes; checks that exactly `lines` arrived before EOF.
+    @discardableResult
+    mutating func expectClosed(
+        after lines: [String] = [], conn: String = "0", timeout: Double = 10,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) -> Int {
+        let index = steps.count
+        steps.append(Step(conn: conn, op: .eof(timeout)))
+        checks.append(Check(step: index, sent: lastSent[conn] ?? "(nothing)", expected: lines, closed: true, location: sourceLocation))
+        lastSent[conn] = nil
+        return index
+    }
+
+    /// Reads until EOF (or `timeout`) without checking; inspect the result yourself.
+    @discardableResult
+    mutating func readToEnd(conn: String = "0", timeout: Double = 10) -> Int {
+        steps.append(Step(conn: conn, op: .eof(timeout)))
+        return steps.count - 1
+    }
+
+    /// TLS handshake on `conn`, trusting `cafile`, server name `localhost`.
+    @discardableResult
+    mutating func startTLS(cafile: String, conn: String = "0", sourceLocation: SourceLocation = #_sourceLocation) -> Int {
+        let index = steps.count
+        steps.append(Step(conn: conn, op: .tls(cafile)))
+        checks.append(Check(step: index, sent: "(TLS handshake)", expected: [], closed: false, location: sourceLocation))
+        return index
+    }
+
+    mutating func close(conn: String = "0") { steps.append(Step(conn: conn, op: .close)) }
+    mutating func mark(_ name: String) { steps.append(Step(conn: "0", op: .mark(name))) }
+    mutating func waitForFile(_ path: String, timeout: Double = 30) {
+        steps.append(Step(conn: "0", op: .waitFile(path, timeout)))
+    }
+
+    fileprivate func json() throws -> Data {
+        let list: [[String: Any]] = steps.map { step in
+            var item: [String: Any] = ["c": step.conn]
+            switch step.op {
+            case .send(let bytes): item["op"] = "send"; item["data"] = Data(bytes).base64EncodedString()
+            case .expect(let n, let timeout): item["op"] = "expect"; item["n"] = n; item["timeout"] = timeout
+            case .eof(let timeout): item["op"] = "eof"; item["timeout"] = timeout
+            case .tls(let cafile): item["op"] = "tls"; item["cafile"] = cafile
+            case .close: item["op"] = "close"
+            case .mark(let name): item["op"] = "mark"; item["name"] = name
+            case .waitFile(let path, let timeout): item["op"] = "wait_file"; item["path"] = path; item["timeout"] = timeout
+            }
+            return item
+        }
+        return try JSONSerialization.data(withJSONObject: list)
+    }
+
+    /// Starts the dialogue against `port` without waiting for it to finish.
+    func start(port: Int) async throws -> RunningScript {
+        let python = try await Tools.python()
+        let script = try Tools.script("smtp_session.py")
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-script-\(UUID().uuidString).json")
+        try json().write(to: file)
+        let child = try ChildProcess(python, [script, "\(port)", file.path], environment: cleanEnvironment(), name: "session")
+        return RunningScript(script: self, child: child, file: file)
+    }
+
+    /// Plays the dialogue against `harness` (or `port`) and checks every expectation.
+    @discardableResult
+    func run(_ harness: ServerHarness, timeout: Duration = .seconds(120)) async throws -> SMTPTranscript {
+        let running = try await start(port: harness.smtpPort)
+        return try await running.finish(timeout: timeout, harness: harness)
+    }
+}
+
+final class RunningScript {
+    fileprivate let script: SMTPScript
+    let child: ChildProcess
+    let file: URL
+
+    fileprivate init(script: SMTPScript, child: ChildProcess, file: URL) {
+        self.script = script
+        self.child = child
+        self.file = file
+    }
+
+    /// Waits until the script printed the mark `name`.
+    func waitForMark(_ name: String, timeout: Duration = .seconds(30)) async throws {
+        let needle = "{\"mark\": \"\(name)\"}"
+        let seen = await poll(timeout: timeout) { child.stdout.contains(needle) || !child.isRunning }
+        guard seen, child.stdout.contains(needle) else {
+            throw HarnessError("dialogue never reached mark '\(name)'; output:\n\(child.stdout)\n\(child.stderr)")
+        }
+    }
+
+    func finish(timeout: Duration = .seconds(120), harness: ServerHarness? = nil) async throws -> SMTPTranscript {
+        let result = await child.wait(timeout: timeout)
+        try? FileManager.default.removeItem(at: file)
+        guard !result.timedOut, result.status == 0 else {
+            throw HarnessError("smtp_session.py failed (status \(result.status), timed out: \(result.timedOut)):\n\(result.output)")
+        }
+        var results: [Int: StepResult] = [:]
+        for line in result.stdout.split(separator: "\n") {
+            guard let data = line.data(using: .utf8),
+                let item = try? JSONDecoder().decode(StepResult.self, from: data)
+            else { throw HarnessError("unparsable output line from smtp_session.py: \(line)") }
+            if let step = item.step { results[step] = item }
+        }
+        let transcript = SMTPTranscript(results: results, output: result.stdout)
+        transcript.verify(script, harness: harness)
+        return transcript
+    }
+}
+
+struct SMTPTranscript {
+    var results: [Int: StepResult]
+    var output: String
+
+    func result(_ step: Int) -> StepResult? { results[step] }
+    func lines(_ step: Int) -> [String] { results[step]?.lines ?? [] }
+
+    /// Every queue id from `250 2.0.0 Ok: queued as <id>` replies, in order.
+    var queueIDs: [String] {
+        results.keys.sorted().flatMap { lines($0) }.compactMap(parseQueueID)
+    }
+
+    static func matches(_ actual: [String], _ expected: [String]) -> Bool {
+        guard actual.count == expected.count else { return false }
+        return zip(actual, expected).allSatisfy { actual, expected in
+            expected.hasSuffix("*") ? actual.hasPrefix(String(expected.dropLast())) : actual == expected
+        }
+    }
+
+    fileprivate func verify(_ script: SMTPScript, harness: ServerHarness?) {
+        for check in script.checks {
+            guard let result = results[check.step] else {
+                Issue.record(
+                    "no result for step \(check.step) (sent: \(check.sent)); the dialogue stopped early. Output:\n\(output)\n\(harness.map { "log tail:\n" + $0.logTail() } ?? "")",
+                    sourceLocation: check.location)
+                continue
+            }
+            var problems: [String] = []
+            if let error = result.error, !check.closed { problems.append("connection error: \(error)") }
+            if result.timeout == true { problems.append("timed out waiting") }
+            if check.closed && result.eof != true { problems.append("connection was not closed by the server") }
+            if !Self.matches(result.lines, check.expected) {
+                problems.append("expected \(check.expected)\n  actual \(result.lines)")
+            }
+            if !problems.isEmpty {
+                Issue.record(
+                    "after sending \(check.sent):\n  \(problems.joined(separator: "\n  "))\n\(harness.map { "log tail:\n" + $0.logTail(30) } ?? "")",
+                    sourceLocation: check.location)
+            }
+        }
+    }
+}
+
+func parseQueueID(_ line: String) -> String? {
+    guard let range = line.range(of: "Ok: queued as ") else { return nil }
+    let id = line[range.upperBound...].trimmingCharacters(in: .whitespaces)
+    return id.isEmpty ? nil : id
+}
+
+// MARK: - smtplib client (Support/smtp_client.py)
+
+struct ClientReply: Decodable, Sendable {
+    var step: String
+    var code: Int
+    var text: String
+    /// The reply as it was on the wire (smtplib strips the code and joins lines with \n).
+    var lines: [String] {
+        let parts = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        return parts.enumerated().map { i, part in
+            "\(code)\(i == parts.count - 1 ? " " : "-")\(part)"
+        }
+    }
+    var line: String { lines.joined(separator: "\n") }
+}
+
+struct SMTPClientResult {
+    var replies: [ClientReply]
+    var process: ProcessResult
+    func reply(_ step: String) -> ClientReply? { replies.first { $0.step == step } }
+    func all(_ step: String) -> [ClientReply] { replies.filter { $0.step == step } }
+    var queueID: String? { reply("data").flatMap { parseQueueID($0.line) } }
+}
+
+struct SMTPClientOptions {
+    var ehlo = "client.test"
+    var starttlsCA: String?
+    var auth: (mechanism: String, user: String, password: String)?
+    var smtputf8 = false
+}
+
+/// Sends one message with smtplib; `body` is the message as it should be stored.
+func smtplibSend(
+    _ harness: ServerHarness, from sender: String, to recipients: [String], body: [UInt8],
+    options: SMTPClientOptions = SMTPClientOptions()
+) async throws -> SMTPClientResult {
+    let python = try await Tools.python()
+    let script = try Tools.script("smtp_client.py")
+    let bodyFile = harness.directory.appendingPathComponent("body-\(UUID().uuidString).eml")
+    try Data(body).write(to: bodyFile)
+    defer { try? FileManager.default.removeItem(at: bodyFile) }
+    var args = [script, "--port", "\(harness.smtpPort)", "--ehlo", options.ehlo, "--from", sender, "--body-file", bodyFile.path]
+    for rcpt in recipients { args += ["--to", rcpt] }
+    if let ca = options.starttlsCA { args += ["--starttls", ca] }
+    if let auth = options.auth { args += ["--auth", auth.mechanism, "--user", auth.user, "--password", auth.password] }
+    if options.smtputf8 { args.append("--smtputf8") }
+    let result = try await runProcess(python, args, environment: cleanEnvironment(), timeout: .seconds(60))
+    var replies: [ClientReply] = []
+    for line in result.stdout.split(separator: "\n") {
+        if let data = line.data(using: .utf8), let reply = try? JSONDecoder().decode(ClientReply.self, from: data) {
+            replies.append(reply)
+        }
+    }
+    if result.timedOut || replies.contains(where: { $0.step == "error" }) {
+        throw HarnessError("smtp_client.py failed:\n\(result.output)\nlog tail:\n\(harness.logTail())")
+    }
+    return SMTPClientResult(replies: replies, process: result)
+}
+
+// MARK: - Stored messages
+
+/// Checks a maildir file: `Return-Path: <sender>\r\n`, then exactly one `Received:`
+/// field (possibly folded) naming the HELO name, this host, the queue id and the
+/// recipient, then the message exactly as sent (after dot-unstuffing).
+func expectStoredMessage(
+    _ stored: [UInt8], sender: String, helo: String, queueID: String, recipient: String, body: [UInt8],
+    sourceLocation: SourceLocation = #_sourceLocation
+) {
+    let prefix = Array("Return-Path: <\(sender)>\r\n".utf8)
+    guard stored.starts(with: prefix) else {
+        Issue.record(
+            "stored message does not start with \(SMTPScript.describe(prefix)):\n\(SMTPScript.describe(Array(stored.prefix(400))))",
+            sourceLocation: sourceLocation)
+        return
+    }
+    var rest = Array(stored[prefix.count...])
+    let receivedName = Array("Received: ".utf8)
+    guard rest.starts(with: receivedName) else {
+        Issue.record("no Received: field after Return-Path:\n\(SMTPScript.describe(Array(stored.prefix(400))))", sourceLocation: sourceLocation)
+        return
+    }
+    // The field ends at the first CRLF not followed by SP or HTAB.
+    var end: Int?
+    var i = 0
+    while i + 1 < rest.count {
+        if rest[i] == 13, rest[i + 1] == 10 {
+            let next = i + 2 < rest.count ? rest[i + 2] : 0
+            if next != 32 && next != 9 {
+                end = i + 2
+                break
+            }
+            i += 2
+        } else {
+            if rest[i] == 10 || rest[i] == 13 {
+                Issue.record("bare CR or LF inside the Received: field: \(SMTPScript.describe(Array(rest.prefix(400))))", sourceLocation: sourceLocation)
+                return
+            }
+            i += 1
+        }
+    }
+    guard let end else {
+        Issue.record("unterminated Received: field: \(SMTPScript.describe(rest))", sourceLocation: sourceLocation)
+        return
+    }
+    let field = String(decoding: rest[..<end], as: UTF8.self)
+    let unfolded = field.replacingOccurrences(of: "\r\n", with: "")
+    for needle in ["from \(helo)", "by \(ServerHarness.hostname)", queueID, "for <\(recipient)>"] {
+        #expect(unfolded.contains(needle), "Received: field lacks \"\(needle)\": \(unfolded)", sourceLocation: sourceLocation)
+    }
+    rest.removeFirst(end)
+    if rest != body {
+        Issue.record(
+            "stored body differs from what was sent.\n  sent:   \(SMTPScript.describe(body))\n  stored: \(SMTPScript.describe(rest))",
+            sourceLocation: sourceLocation)
+    }
+}
+
+// MARK: - Certificates
+
+/// A self-signed certificate for CN/SAN `localhost` made by openssl in `directory`;
+/// returns the server environment that enables STARTTLS with it, and the CA file.
+func makeTLSCertificate(in directory: URL) async throws -> (environment: [String: String], caFile: String) {
+    let openssl = try Tools.path("openssl")
+    let cert = directory.appendingPathComponent("cert.pem").path
+    let key = directory.appendingPathComponent("key.pem").path
+    let result = try await runProcess(openssl, [
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2",
+        "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost",
+    ])
+    guard result.status == 0, FileManager.default.fileExists(atPath: cert) else {
+        throw HarnessError("openssl req failed with status \(result.status):\n\(result.output)")
+    }
+    return (["SMTP_ENABLE_TLS": "true", "SMTP_TLS_CERT": cert, "SMTP_TLS_KEY": key], cert)
+}
+
+// MARK: - Common dialogue pieces
+
+enum SMTP {
+    static let hostname = ServerHarness.hostname
+
+    /// The EHLO reply, in the documented order.
+    static func ehlo(size: Int = 52_428_800, startTLS: Bool = false, auth: Bool = true, deliverBy: Int = 86_400) -> [String] {
+        var lines = ["250-\(hostname)", "250-PIPELINING", "250-SIZE \(size)", "250-ETRN"]
+        if startTLS { lines.append("250-STARTTLS") }
+        if auth { lines.append("250-AUTH PLAIN LOGIN") }
+        lines += ["250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-SMTPUTF8", "250-CHUNKING", "250-DELIVERBY \(deliverBy)", "250 ATRN"]
+        return lines
+    }
+
+    static let ok = "250 2.0.0 Ok"
+    static let senderOk = "250 2.1.0 Ok"
+    static let recipientOk = "250 2.1.5 Ok"
+    static let startData = "354 End data with <CR><LF>.<CR><LF>"
+    static let queued = "250 2.0.0 Ok: queued as msg_*"
+    static let bye = "221 2.0.0 Bye"
+    static let authOK = "235 2.7.0 Authentication successful"
+    static let authInvalid = "535 5.7.8 Authentication credentials invalid"
+
+    static func base64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
+    static func plain(_ user: String, _ password: String, authzid: String = "") -> String {
+        base64("\(authzid)\u{0}\(user)\u{0}\(password)")
     }
 }
