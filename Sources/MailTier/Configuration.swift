@@ -139,7 +139,7 @@ extension Configuration {
         Variable(name: "SMTP_ENABLE_TLS", defaultValue: "false", summary: "Enable STARTTLS (needs SMTP_TLS_CERT and SMTP_TLS_KEY)"),
         Variable(name: "SMTP_TLS_CERT", defaultValue: "-", summary: "TLS certificate chain (PEM) path"),
         Variable(name: "SMTP_TLS_KEY", defaultValue: "-", summary: "TLS private key (PEM) path"),
-        Variable(name: "SMTP_ENABLE_AUTH", defaultValue: "true", summary: "Require authentication to relay"),
+        Variable(name: "SMTP_ENABLE_AUTH", defaultValue: "true", summary: "Require AUTH before MAIL (relaying always needs AUTH)"),
         Variable(name: "SMTP_HEALTH_PORT", defaultValue: "8080", summary: "Health/API port"),
         Variable(name: "SMTP_METRICS_PORT", defaultValue: "8081", summary: "Prometheus metrics port"),
         Variable(name: "SMTP_LOG_LEVEL", defaultValue: "info", summary: "Log level (debug/info/warn/error)"),

@@ -22,7 +22,6 @@ func fail(_ message: String, code: Int32 = 2) -> Never {
 
 let arguments = CommandLine.arguments.dropFirst()
 if arguments.contains("--help") || arguments.contains("-h") {
-    print("Usage: smtp-server [--help]\n\nMailTier SMTP server. Configured by environment variables:\n")
     print(Configuration.helpText)
     exit(0)
 }
@@ -94,6 +93,9 @@ do {
 } catch {
     fail("cannot create the first admin user \(configuration.adminUsername): \(error)", code: 1)
 }
+
+// Temporary files of puts interrupted by a crash; their messages were never acknowledged.
+_ = try? await spool.removeStaleTemporaryFiles(olderThan: .seconds(3600))
 
 let doorbell = Doorbell()
 var services: [any Service] = []

@@ -101,7 +101,7 @@ extension SMTPServerTests {
             let running = try await s.start(port: h.smtpPort)
             try await running.waitForMark("ready")
             h.signal(SIGTERM)
-            FileManager.default.createFile(atPath: go, contents: nil)
+            _ = FileManager.default.createFile(atPath: go, contents: nil)
             let t = try await running.finish(harness: h)
             let exit = await h.waitForExit(timeout: .seconds(30))
             #expect(exit?.timedOut == false, "the server did not exit after SIGTERM")

@@ -155,8 +155,8 @@ final class ChildProcess {
         let unique = "\(name)-\(UUID().uuidString.prefix(8))"
         stdoutURL = dir.appendingPathComponent("\(unique).stdout")
         stderrURL = dir.appendingPathComponent("\(unique).stderr")
-        FileManager.default.createFile(atPath: stdoutURL.path, contents: nil)
-        FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: stdoutURL.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         if let environment { process.environment = environment }

@@ -199,6 +199,45 @@ extension AccountTests {
                 #expect(try await SQLiteUserStore(database: database).count() == 50)
             }
         }
+
+        @Test func cancelledCallsNeitherHangNorLeakTheClosure() async throws {
+            try await withDatabase { (database: SQLiteDatabase, _: String) async throws in
+                // withoutActuallyEscaping traps if a closure outlives its call: cancel many
+                // calls at random points and make sure every one returns or throws.
+                let tasks = (0..<200).map { index in
+                    Task {
+                        try await database.read { c in try c.query("SELECT ? AS x", [.integer(Int64(index))]).count }
+                    }
+                }
+                for (index, task) in tasks.enumerated() where index % 2 == 0 { task.cancel() }
+                var completed = 0
+                for task in tasks {
+                    if (try? await task.value) == 1 { completed += 1 }
+                }
+                #expect(completed >= 100)
+                #expect(try await database.read { try $0.query("SELECT 1 AS x").first?.int("x") } == 1)
+            }
+        }
+
+        @Test func twoConnectionsToOneFileWaitForEachOther() async throws {
+            // Like the CLI and the server on the same file: BEGIN IMMEDIATE and busy_timeout.
+            try await withDatabase { first, path in
+                let second = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for index in 0..<40 {
+                        let database = index % 2 == 0 ? first : second
+                        group.addTask {
+                            _ = try await SQLiteUserStore(database: database).create(
+                                username: "u\(index)", email: "u\(index)@example.com", passwordHash: "h", quotaMB: 1,
+                                isAdmin: false)
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                #expect(try await SQLiteUserStore(database: first).count() == 40)
+                #expect(try await SQLiteUserStore(database: second).count() == 40)
+            }
+        }
     }
 }
 
