@@ -311,6 +311,10 @@ public final class SQLiteConnection {
     }
 }
 
+/// A connection must never cross threads on its own: only under the database's lock.
+@available(*, unavailable)
+extension SQLiteConnection: Sendable {}
+
 /// The connection, kept behind `SQLiteDatabase`'s lock.
 ///
 /// `@unchecked Sendable` is safe because the only instance lives inside a

@@ -69,7 +69,7 @@ extension SMTPServerTests {
             s.cmd("MAIL FROM:<bob@example.org>", SMTP.senderOk)
             s.cmd("RCPT TO:<alice@example.test>", SMTP.recipientOk)
             s.send("BDAT 5\r\nHello", expect: ["250 2.0.0 5 octets received"])
-            s.send("BDAT 7 LAST\r\n World\r\n", expect: [SMTP.queued])
+            s.send("BDAT 8 LAST\r\n World\r\n", expect: [SMTP.queued])  // " World\r\n" is 8 octets
 
             s.cmd("MAIL FROM:<bob@example.org>", SMTP.senderOk)
             s.cmd("RCPT TO:<alice@example.test>", SMTP.recipientOk)

@@ -138,6 +138,9 @@ final class ChildProcess {
     let stdoutURL: URL
     let stderrURL: URL
     private let scratch: URL?
+    /// The parent's copies of the child's descriptors; closed once the child has exited
+    /// (never `FileHandle.nullDevice`, which is shared).
+    private var handles: [FileHandle] = []
 
     init(
         _ executable: String, _ arguments: [String], environment: [String: String]? = nil,
@@ -160,20 +163,31 @@ final class ChildProcess {
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         if let environment { process.environment = environment }
-        process.standardOutput = try FileHandle(forWritingTo: stdoutURL)
-        process.standardError = try FileHandle(forWritingTo: stderrURL)
+        let out = try FileHandle(forWritingTo: stdoutURL)
+        let err = try FileHandle(forWritingTo: stderrURL)
+        handles = [out, err]
+        process.standardOutput = out
+        process.standardError = err
         if let stdin {
             let inURL = dir.appendingPathComponent("\(unique).stdin")
             try stdin.write(to: inURL)
-            process.standardInput = try FileHandle(forReadingFrom: inURL)
+            let input = try FileHandle(forReadingFrom: inURL)
+            handles.append(input)
+            process.standardInput = input
         } else {
             process.standardInput = FileHandle.nullDevice
         }
-        try process.run()
-        // The parent's copies of the descriptors are not needed once the child has them.
-        try? (process.standardOutput as? FileHandle)?.close()
-        try? (process.standardError as? FileHandle)?.close()
-        try? (process.standardInput as? FileHandle)?.close()
+        do {
+            try process.run()
+        } catch {
+            closeHandles()
+            throw error
+        }
+    }
+
+    private func closeHandles() {
+        for handle in handles { try? handle.close() }
+        handles = []
     }
 
     var pid: Int32 { process.processIdentifier }
@@ -192,6 +206,7 @@ final class ChildProcess {
             signal(SIGKILL)
             _ = await poll(timeout: .seconds(10), interval: .milliseconds(20)) { !process.isRunning }
         }
+        if !process.isRunning { closeHandles() }
         let result = ProcessResult(
             status: process.isRunning ? -1 : process.terminationStatus,
             signalled: !process.isRunning && process.terminationReason == .uncaughtSignal,
@@ -393,8 +408,9 @@ final class ServerHarness {
         }
         if !run.isRunning {
             let status = run.process.terminationStatus
+            let how = run.process.terminationReason == .uncaughtSignal ? "killed by signal" : "exit status"
             child = nil
-            throw HarnessError("smtp-server exited during start-up (status \(status)); log:\n\(log)")
+            throw HarnessError("smtp-server exited during start-up (\(how) \(status)); log:\n\(log)")
         }
         if !ready {
             throw HarnessError(
