@@ -287,7 +287,8 @@ public struct AccountService: Sendable {
         let lower = Array("abcdefghijkmnopqrstuvwxyz")
         let upper = Array("ABCDEFGHJKLMNPQRSTUVWXYZ")
         let digits = Array("23456789")
-        let symbols = Array("!#%+-=?@^_~")
+        // Symbols that need no quoting in a shell or a URL: the password is printed to be pasted.
+        let symbols = Array("-_.+@")
         let all = lower + upper + digits + symbols
         var generator = SystemRandomNumberGenerator()
         var characters = [lower, upper, digits, symbols].map { $0.randomElement(using: &generator)! }

@@ -1,0 +1,247 @@
+import Crypto
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import SMTPNIO
+import SMTPProtocol
+import Testing
+
+@testable import MailTier
+@testable import MailTierArgon2
+@testable import MailTierFiles
+@testable import MailTierSQLite
+
+// The ingress and delivery services against real parts: a SQLite file, a spool directory and
+// maildirs in a temporary directory, and libargon2 (cheap parameters).
+
+/// Everything embedded mode wires together, in a temporary directory.
+private struct Embedded {
+    let directory: String
+    let configuration: Configuration
+    let database: SQLiteDatabase
+    let queue: SQLiteMessageQueue
+    let spool: SpoolBlobStore
+    let mailboxes: MaildirStore
+    let accounts: AccountService
+    let ingress: IngressService
+    let delivery: DeliveryService
+
+    init(localDomains: [String] = ["example.test"]) throws {
+        var template = Array((NSTemporaryDirectory() + "/mailtier-queue-XXXXXX").utf8CString)
+        guard let made = mkdtemp(&template) else { throw POSIXError(.EIO) }
+        directory = String(cString: made)
+        var configuration = Configuration()
+        configuration.hostname = "mail.example.test"
+        configuration.localDomains = localDomains
+        configuration.dbPath = directory + "/smtp.db"
+        configuration.spoolPath = directory + "/spool"
+        configuration.storagePath = directory + "/mail"
+        self.configuration = configuration
+        let pool = NIOThreadPool.singleton
+        database = try SQLiteDatabase(path: configuration.dbPath, threadPool: pool)
+        queue = SQLiteMessageQueue(database: database)
+        spool = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: pool)
+        mailboxes = MaildirStore(root: configuration.storagePath, hostname: "test-host", threadPool: pool)
+        accounts = AccountService(
+            users: SQLiteUserStore(database: database),
+            hasher: Argon2idHasher(threadPool: pool, parameters: .init(timeCost: 1, memoryKiB: 1024, parallelism: 1)))
+        let logger = Logger(label: "test")
+        ingress = IngressService(configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: nil, logger: logger)
+        delivery = DeliveryService(
+            queue: queue, spool: spool, mailboxes: mailboxes, settings: .init(exclusive: true, pollInterval: .seconds(1)),
+            doorbell: Doorbell(), logger: logger)
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: directory) }
+
+    func envelope(from: String = "bob@example.org", to recipients: [String], user: String? = nil) -> Envelope {
+        func mailbox(_ address: String) -> Mailbox {
+            let parts = address.split(separator: "@")
+            return Mailbox(localPart: String(parts[0]), domain: String(parts[1]))
+        }
+        return Envelope(
+            reversePath: .mailbox(mailbox(from)), recipients: recipients.map { .mailbox(mailbox($0)) },
+            parameters: MailParameters(), heloName: "client.example", usedEHLO: true, authenticatedUser: user,
+            tlsActive: false, chunked: false)
+    }
+
+    let session = SMTPSessionInfo(clientAddress: "192.0.2.7", clientPort: 40000)
+
+    func count(_ sql: String) async throws -> Int64 {
+        try await database.read { db in try db.query(sql).first?.int("n") ?? -1 }
+    }
+
+    func maildir(_ email: String) throws -> [String] { try mailboxes.messageFiles(of: email) }
+}
+
+private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws {
+    let embedded = try Embedded()
+    defer { embedded.remove() }
+    try await body(embedded)
+}
+
+@Suite("Queue and delivery") struct QueueAndDeliveryTests {
+    @Test("routing: local users, local domains, relaying, postmaster")
+    func routing() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "admin", email: "admin@example.test", password: "Adm1n-Passw0rd", quotaMB: 10, isAdmin: true)
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            _ = try await e.accounts.create(username: "carol", email: "carol@elsewhere.example", password: "Car0l-Passw0rd", quotaMB: 10, isAdmin: false)
+            _ = try await e.accounts.create(username: "dave", email: "dave@example.test", password: "Dav3-Passw0rd!", quotaMB: 10, isAdmin: false)
+            try await e.accounts.setEnabled(username: "dave", enabled: false)
+            func route(_ address: String, auth: Bool = false) async throws -> IngressService.Route {
+                let parts = address.split(separator: "@")
+                return try await e.ingress.route(.mailbox(Mailbox(localPart: String(parts[0]), domain: String(parts[1]))), authenticated: auth)
+            }
+            #expect(try await route("alice@example.test") == .local(mailbox: "alice@example.test"))
+            #expect(try await route("ALICE@Example.Test") == .local(mailbox: "alice@example.test"))
+            #expect(try await route("carol@elsewhere.example") == .local(mailbox: "carol@elsewhere.example"))
+            #expect(try await route("nobody@example.test") == .rejected(.userUnknown("nobody@example.test")))
+            #expect(try await route("nobody@example.test", auth: true) == .rejected(.userUnknown("nobody@example.test")))
+            #expect(try await route("dave@example.test") == .rejected(.userUnknown("dave@example.test")))
+            #expect(try await route("x@remote.example") == .rejected(.relayDenied("x@remote.example")))
+            #expect(try await route("x@remote.example", auth: true) == .remote(domain: "remote.example"))
+            #expect(try await route("postmaster@example.test") == .local(mailbox: "admin@example.test"))
+            #expect(try await e.ingress.route(.postmaster, authenticated: false) == .local(mailbox: "admin@example.test"))
+        }
+    }
+
+    @Test("accept: blob first with a Received header, then the rows; then delivery into maildir, once")
+    func acceptAndDeliver() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            let content = ByteBuffer(string: "Subject: Hello\r\n there\r\n\r\nBody line\r\n")
+            guard case .queued(let id) = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: content, session: e.session) else {
+                Issue.record("not queued")
+                return
+            }
+            #expect(id.hasPrefix("msg_") && id.count == 24)
+            let blob = try await e.spool.get(key: id)
+            let text = String(buffer: blob)
+            #expect(text.hasPrefix("Received: from client.example ([192.0.2.7])\r\n\tby mail.example.test (MailTier) with ESMTP id \(id)\r\n\tfor <alice@example.test>; "))
+            #expect(text.hasSuffix("\r\nSubject: Hello\r\n there\r\n\r\nBody line\r\n"))
+            let row = try await e.database.read { db in try db.query("SELECT * FROM queue_messages WHERE id = ?", [.text(id)]).first }
+            #expect(row?.string("subject") == "Hello there")
+            #expect(row?.string("client_ip") == "192.0.2.7")
+            #expect(row?.int("size_bytes") == Int64(blob.readableBytes))
+            let digest = SHA256.hash(data: Array(blob.readableBytesView)).map { String(format: "%02x", $0) }.joined()
+            #expect(row?.string("sha256") == digest)
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_recipients WHERE status = 'pending'") == 1)
+
+            #expect(try await e.delivery.runOnce() == 1)
+            let files = try e.maildir("alice@example.test")
+            #expect(files.count == 1)
+            let stored = try Data(contentsOf: URL(fileURLWithPath: files[0]))
+            #expect(stored == Data("Return-Path: <bob@example.org>\r\n".utf8) + Data(blob.readableBytesView))
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_messages") == 0, "rows removed once delivered")
+            #expect(try await e.spool.list().isEmpty, "blob removed once delivered")
+            #expect(try await e.delivery.runOnce() == 0)
+        }
+    }
+
+    @Test("a spool failure is a 451 and leaves no rows")
+    func spoolFailure() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            try FileManager.default.removeItem(atPath: e.configuration.spoolPath)
+            try Data().write(to: URL(fileURLWithPath: e.configuration.spoolPath))  // a file where the directory was
+            let outcome = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session)
+            guard case .rejected(let reply) = outcome else { Issue.record("queued"); return }
+            #expect(reply == .storageFailure)
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_messages") == 0)
+        }
+    }
+
+    @Test("a database failure after the blob is a 451; the orphan blob is collected after the grace period")
+    func databaseFailure() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            try await e.database.write { db in try db.execute("DROP TABLE queue_recipients") }
+            let outcome = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session)
+            guard case .rejected(let reply) = outcome else { Issue.record("queued"); return }
+            #expect(reply == .storageFailure)
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_messages") == 0, "the transaction rolled back")
+            #expect(try await e.spool.list().count == 1, "blob first: an orphan is left")
+            await e.delivery.collectOrphanBlobs(now: Date())
+            #expect(try await e.spool.list().count == 1, "not before the grace period")
+            await e.delivery.collectOrphanBlobs(now: Date().addingTimeInterval(3600))
+            #expect(try await e.spool.list().isEmpty)
+        }
+    }
+
+    @Test("a crash between the maildir write and the result does not deliver twice")
+    func idempotentRetry() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            guard case .queued = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session) else {
+                Issue.record("not queued")
+                return
+            }
+            // The worker claims, stores into the maildir, and dies before recording the result.
+            let jobs = try await e.queue.claimDue(now: Date(), limit: 10, lease: .seconds(300), localOnly: true, makeDeliveryKey: { e.mailboxes.makeDeliveryKey() })
+            #expect(jobs.count == 1)
+            #expect(try await e.mailboxes.deliver(ByteBuffer(string: "x"), to: jobs[0].recipient, deliveryKey: jobs[0].deliveryKey))
+            #expect(try await e.delivery.runOnce() == 0, "the lease still holds")
+            // Restart: embedded mode releases the dead worker's leases.
+            try await e.queue.releaseAllLeases()
+            #expect(try await e.delivery.runOnce() == 1)
+            #expect(try e.maildir("alice@example.test").count == 1)
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_messages") == 0)
+        }
+    }
+
+    @Test("results are fenced by the lease token")
+    func fencing() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            _ = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session)
+            let first = try await e.queue.claimDue(now: Date(), limit: 10, lease: .seconds(1), localOnly: true, makeDeliveryKey: { "key-1" })
+            // The lease expires; another worker claims the same job, with the same delivery key.
+            let second = try await e.queue.claimDue(now: Date().addingTimeInterval(5), limit: 10, lease: .seconds(300), localOnly: true, makeDeliveryKey: { "key-2" })
+            #expect(first.count == 1 && second.count == 1)
+            #expect(second[0].deliveryKey == "key-1")
+            #expect(first[0].leaseToken != second[0].leaseToken)
+            _ = try await e.queue.record([(first[0], .failed(error: "stale worker"))], now: Date())
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_recipients WHERE status = 'pending'") == 1, "the stale result was ignored")
+            let finished = try await e.queue.record([(second[0], .delivered)], now: Date())
+            #expect(finished.count == 1)
+        }
+    }
+
+    @Test("retries back off and then fail; attempts are counted")
+    func retries() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            guard case .queued(let id) = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session) else {
+                Issue.record("not queued")
+                return
+            }
+            try await e.spool.delete(key: id)  // delivery now fails: the blob is gone
+            var now = Date()
+            for attempt in 1...5 {
+                #expect(try await e.delivery.runOnce(now: now) == 1)
+                let row = try await e.database.read { db in try db.query("SELECT * FROM queue_recipients").first }
+                #expect(row?.int("attempts") == Int64(attempt))
+                #expect(row?.string("status") == (attempt < 5 ? "retry" : "failed"))
+                #expect(try await e.delivery.runOnce(now: now) == 0, "not due yet")
+                now = now.addingTimeInterval(40_000)
+            }
+        }
+    }
+
+    @Test("ETRN makes waiting recipients of a domain due; ATRN checks entitlement")
+    func etrnAndAtrn() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            _ = await e.ingress.deliver(e.envelope(to: ["x@remote.example"], user: "alice"), content: ByteBuffer(string: "x\r\n"), session: e.session)
+            #expect(try await e.queue.waitingCount(domain: "remote.example") == 1)
+            try await e.database.write { db in try db.execute("UPDATE queue_recipients SET next_retry = 9999999999") }
+            #expect(await e.ingress.etrn(domain: "remote.example", session: e.session) == .queuingStarted("remote.example"))
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_recipients WHERE next_retry < 9999999999") == 1)
+            #expect(await e.ingress.atrn(domains: ["remote.example"], user: "alice", session: e.session) == .atrnRefused("remote.example"))
+            #expect(await e.ingress.atrn(domains: ["example.test"], user: "alice", session: e.session) == .noMail)
+            #expect(try await e.delivery.runOnce() == 0, "remote recipients wait for the outbound transport")
+        }
+    }
+}
