@@ -20,7 +20,7 @@ func expectReply(
         sourceLocation: sourceLocation)
 }
 
-@Suite("SMTP server, black box")
+@Suite("SMTP server, black box", .timeLimit(.minutes(3)))
 struct SMTPServerTests {
 
     // MARK: 1. Greeting, EHLO and the simple commands
@@ -105,6 +105,25 @@ struct SMTPServerTests {
                 bounce.bytes, sender: "", helo: "raw.test", queueID: t.queueIDs[1],
                 recipient: "alice@example.test", body: crlf("Subject: bounce", "", "null sender"))
             #expect(h.maildirFiles(for: "alice@example.test").count == 3)
+
+            // API.md, Storage API → Maildir: cur/new/tmp; new files named
+            // <timestamp>.M<microseconds>P<pid>.<hostname>; nothing left in tmp/.
+            let box = h.mailDirectory.appendingPathComponent("alice@example.test")
+            for sub in ["cur", "new", "tmp"] {
+                var isDirectory: ObjCBool = false
+                let exists = FileManager.default.fileExists(atPath: box.appendingPathComponent(sub).path, isDirectory: &isDirectory)
+                #expect(exists && isDirectory.boolValue, "maildir lacks \(sub)/")
+            }
+            #expect((try? FileManager.default.contentsOfDirectory(atPath: box.appendingPathComponent("tmp").path))?.isEmpty == true)
+            let name = try Regex(#"([0-9]+)\.M[0-9]+P[0-9]+\.[^/:]+"#)
+            let now = Date().timeIntervalSince1970
+            for file in h.maildirFiles(for: "alice@example.test") where file.deletingLastPathComponent().lastPathComponent == "new" {
+                let match = try name.wholeMatch(in: file.lastPathComponent)
+                #expect(match != nil, "maildir file name \(file.lastPathComponent) is not <timestamp>.M<usec>P<pid>.<host>")
+                if let stamp = match?.output[1].substring.flatMap({ Double($0) }) {
+                    #expect(abs(stamp - now) < 3600, "maildir timestamp \(stamp) is not now (\(now))")
+                }
+            }
         }
     }
 
