@@ -130,7 +130,7 @@ extension Configuration {
             name: "SMTP_MAX_MESSAGE_SIZE", defaultValue: "52428800",
             summary: "Max message size in bytes, advertised as SIZE (1024-2147483648)"),
         Variable(name: "SMTP_TIMEOUT_SECONDS", defaultValue: "300", summary: "Connection idle timeout (1-86400)"),
-        Variable(name: "SMTP_HOSTNAME", defaultValue: "localhost", summary: "Server hostname (greeting, EHLO, maildir names)"),
+        Variable(name: "SMTP_HOSTNAME", defaultValue: "localhost", summary: "Server hostname (greeting, EHLO, Received headers)"),
         Variable(name: "SMTP_DB_PATH", defaultValue: "smtp.db", summary: "SQLite database path"),
         Variable(
             name: "SMTP_STORAGE_TYPE", defaultValue: "maildir",
