@@ -11,6 +11,7 @@ import Foundation
 #endif
 import MailTier
 import MailTierArgon2
+import MailTierFiles
 import MailTierSQLite
 import NIOPosix
 
@@ -87,34 +88,6 @@ func oneDecimal(_ value: Double) -> String {
     let sign = tenths < 0 ? "-" : ""
     let magnitude = tenths.magnitude
     return "\(sign)\(magnitude / 10).\(magnitude % 10)"
-}
-
-/// Bytes of every regular file under `directory` (recursively, symbolic links not followed);
-/// 0 when it does not exist.
-func regularFileBytes(under directory: String) -> Int64 {
-    guard let dir = opendir(directory) else { return 0 }
-    defer { closedir(dir) }
-    var total: Int64 = 0
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-        }
-        if name == "." || name == ".." { continue }
-        let path = directory + "/" + name
-        var info = stat()
-        guard lstat(path, &info) == 0 else { continue }
-        switch info.st_mode & S_IFMT {
-        case S_IFREG: total += Int64(info.st_size)
-        case S_IFDIR: total += regularFileBytes(under: path)
-        default: break
-        }
-    }
-    return total
-}
-
-func mailboxBytes(storage: String, email: String) -> Int64 {
-    let mailbox = storage + "/" + email
-    return regularFileBytes(under: mailbox + "/new") + regularFileBytes(under: mailbox + "/cur")
 }
 
 func parseInt(_ text: String, what: String) throws(Failure) -> Int {
@@ -212,7 +185,8 @@ func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure)
         case "info":
             let user = try await accounts.info(username: a[0])
             let storage = environment("SMTP_STORAGE_PATH", default: "/var/mail")
-            let usedMB = Double(mailboxBytes(storage: storage, email: user.email)) / 1_048_576
+            let mailboxes = MaildirStore(root: storage, hostname: "localhost", threadPool: threadPool)
+            let usedMB = Double((try? await mailboxes.usageBytes(of: user.email)) ?? 0) / 1_048_576
             let percent = user.quotaMB > 0 ? usedMB / Double(user.quotaMB) * 100 : 0
             return """
                 User Information:

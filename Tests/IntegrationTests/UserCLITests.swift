@@ -336,7 +336,7 @@ private func expectFailure(
         // directories not counted.
         try await sandbox.sql("UPDATE users SET created_at = 1760956200, last_login = 1761207300")
         let mailbox = sandbox.storage + "/john@example.com"
-        for folder in ["new", "cur", "tmp", "cur/sub"] {
+        for folder in ["new", "cur", "tmp"] {
             try FileManager.default.createDirectory(atPath: mailbox + "/" + folder, withIntermediateDirectories: true)
         }
         func makeFile(_ path: String, size: UInt64) throws {
@@ -347,7 +347,7 @@ private func expectFailure(
         }
         try makeFile(mailbox + "/new/1.msg", size: 200 * 1_048_576)
         try makeFile(mailbox + "/cur/2.msg", size: 34 * 1_048_576)
-        try makeFile(mailbox + "/cur/sub/3.msg", size: 524_288)
+        try makeFile(mailbox + "/cur/3.msg:2,S", size: 524_288)
         try makeFile(mailbox + "/tmp/4.msg", size: 999 * 1_048_576)  // not counted
         try FileManager.default.createSymbolicLink(
             atPath: mailbox + "/new/link", withDestinationPath: mailbox + "/tmp/4.msg")  // not followed
