@@ -4,7 +4,7 @@ SHELL := /bin/bash
 # Where `make run` keeps its state (embedded mode: SQLite, spool, maildirs, a self-signed certificate).
 DATA ?= $(CURDIR)/data
 
-.PHONY: run test deps build release clean
+.PHONY: run test deps build release clean services-start services-stop
 
 deps:
 	@scripts/install-deps.sh
@@ -31,10 +31,21 @@ run: build
 	SMTP_LOCAL_DOMAINS=$${SMTP_LOCAL_DOMAINS:-example.com} \
 	.build/debug/smtp-server
 
-## Installs what the tests need, builds, and runs every test against real parts.
+## Installs what the tests need, builds, starts the real services on 127.0.0.1 (PostgreSQL,
+## SeaweedFS S3), runs every test against them, and stops them.
 test: deps
 	swift build --build-tests
-	MAILTIER_REQUIRE_SERVICES=1 swift test
+	scripts/test-services.sh start
+	set -a; . .test-services/env; set +a; \
+	MAILTIER_REQUIRE_SERVICES=1 swift test; status=$$?; \
+	scripts/test-services.sh stop; exit $$status
+
+## Starts / stops the test services by hand (state in .test-services/).
+services-start:
+	scripts/test-services.sh start
+services-stop:
+	scripts/test-services.sh stop
 
 clean:
-	rm -rf .build $(DATA)
+	-scripts/test-services.sh stop
+	rm -rf .build $(DATA) .test-services

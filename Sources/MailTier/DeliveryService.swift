@@ -42,18 +42,28 @@ public final class DeliveryService: Service, Sendable {
     private let mailboxes: any MailboxStore
     private let settings: Settings
     private let doorbell: Doorbell
+    private let quota: (users: any UserStore, checker: QuotaChecker)?
     private let logger: Logger
 
+    /// With `quota`, a message that would take an account over its quota is deferred (and failed
+    /// once its attempts run out).
     public init(
         queue: any MessageQueue, spool: any BlobStore, mailboxes: any MailboxStore, settings: Settings, doorbell: Doorbell,
-        logger: Logger
+        quota: (users: any UserStore, checker: QuotaChecker)? = nil, logger: Logger
     ) {
         self.queue = queue
         self.spool = spool
         self.mailboxes = mailboxes
         self.settings = settings
         self.doorbell = doorbell
+        self.quota = quota
         self.logger = logger
+    }
+
+    /// A local delivery that cannot happen now.
+    struct MailboxFull: Error, CustomStringConvertible {
+        var quotaMB: Int
+        var description: String { "mailbox full (quota \(quotaMB) MB)" }
     }
 
     public func run() async throws {
@@ -111,7 +121,16 @@ public final class DeliveryService: Service, Sendable {
             var message = ByteBufferAllocator().buffer(capacity: blob.readableBytes + 64)
             message.writeString("Return-Path: <\(job.mailFrom)>\r\n")
             message.writeImmutableBuffer(blob)
-            let stored = try await mailboxes.deliver(message, to: job.recipient, deliveryKey: job.deliveryKey)
+            if let quota, let user = try await quota.users.user(email: job.recipient),
+                try await quota.checker.wouldExceed(user, adding: message.readableBytes)
+            {
+                throw MailboxFull(quotaMB: user.quotaMB)
+            }
+            let stored = try await mailboxes.deliver(
+                message,
+                MailboxDelivery(
+                    mailbox: job.recipient, messageID: job.messageID, deliveryKey: job.deliveryKey, sender: job.mailFrom,
+                    receivedAt: job.receivedAt))
             logger.info(
                 "delivered", metadata: ["queue_id": "\(job.messageID)", "to": "<\(job.recipient)>", "duplicate_suppressed": "\(!stored)"])
             return .delivered

@@ -18,17 +18,20 @@ public struct IngressService: SMTPServerDelegate {
     public let spool: any BlobStore
     /// Rung after each accepted message, so an in-process delivery loop starts at once.
     public let newMail: Doorbell?
+    /// For quotas at RCPT time; none means no check here (delivery still checks).
+    public let quota: QuotaChecker?
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
-        newMail: Doorbell?, logger: Logger
+        newMail: Doorbell?, quota: QuotaChecker? = nil, logger: Logger
     ) {
         self.configuration = configuration
         self.accounts = accounts
         self.queue = queue
         self.spool = spool
         self.newMail = newMail
+        self.quota = quota
         self.logger = logger
     }
 
@@ -69,6 +72,7 @@ public struct IngressService: SMTPServerDelegate {
         }
         if let user = try await accounts.users.user(email: address) {
             guard user.enabled else { return .rejected(.userUnknown(address)) }
+            if let quota, try await quota.isOverQuota(user) { return .rejected(.mailboxFull(address)) }
             return .local(mailbox: user.email)
         }
         if configuration.isLocalDomain(mailbox.domain) { return .rejected(.userUnknown(address)) }
@@ -167,26 +171,7 @@ public struct IngressService: SMTPServerDelegate {
     }
 
     /// The first `Subject:` field of the header section, unfolded, at most 998 characters.
-    static func subject(of content: ByteBuffer) -> String? {
-        let view = content.readableBytesView
-        var lines: [Substring] = []
-        let headerEnd = view.count < 65_536 ? view.endIndex : view.startIndex + 65_536
-        let text = String(decoding: view[view.startIndex..<headerEnd], as: UTF8.self)
-        for line in text.split(separator: "\r\n", omittingEmptySubsequences: false) {
-            if line.isEmpty { break }
-            lines.append(line)
-        }
-        guard let start = lines.firstIndex(where: { $0.lowercased().hasPrefix("subject:") }) else { return nil }
-        var value = String(lines[start].dropFirst("subject:".count))
-        var next = start + 1
-        while next < lines.count, let first = lines[next].first, first == " " || first == "\t" {
-            value += lines[next]
-            next += 1
-        }
-        while let first = value.first, first == " " || first == "\t" { value.removeFirst() }
-        while let last = value.last, last == " " || last == "\t" { value.removeLast() }
-        return String(value.prefix(998))
-    }
+    static func subject(of content: ByteBuffer) -> String? { MessageHeaders(content).subject }
 
     // MARK: ETRN / ATRN
 

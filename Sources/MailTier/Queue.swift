@@ -74,10 +74,12 @@ public struct DeliveryJob: Sendable, Equatable {
     public var leaseToken: String
     /// Stable across retries of this job: makes local delivery idempotent.
     public var deliveryKey: String
+    /// When the message was accepted.
+    public var receivedAt: Date
 
     public init(
         id: Int64, messageID: String, blobKey: String, mailFrom: String, recipient: String, isLocal: Bool, attempts: Int,
-        maxAttempts: Int, leaseToken: String, deliveryKey: String
+        maxAttempts: Int, leaseToken: String, deliveryKey: String, receivedAt: Date
     ) {
         self.id = id
         self.messageID = messageID
@@ -89,6 +91,7 @@ public struct DeliveryJob: Sendable, Equatable {
         self.maxAttempts = maxAttempts
         self.leaseToken = leaseToken
         self.deliveryKey = deliveryKey
+        self.receivedAt = receivedAt
     }
 }
 

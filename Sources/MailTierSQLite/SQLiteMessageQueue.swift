@@ -56,7 +56,7 @@ public struct SQLiteMessageQueue: MessageQueue {
             let rows = try db.query(
                 """
                 SELECT r.id, r.message_id, r.recipient, r.is_local, r.attempts, r.max_attempts, r.delivery_key,
-                       m.blob_key, m.mail_from
+                       m.blob_key, m.mail_from, m.created_at
                 FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id
                 WHERE r.status IN ('pending', 'retry') AND r.next_retry <= ?
                   AND (r.lease_until IS NULL OR r.lease_until < ?)
@@ -78,7 +78,8 @@ public struct SQLiteMessageQueue: MessageQueue {
                         id: id, messageID: row.string("message_id")!, blobKey: row.string("blob_key")!,
                         mailFrom: row.string("mail_from") ?? "", recipient: row.string("recipient")!,
                         isLocal: row.int("is_local") == 1, attempts: Int(row.int("attempts") ?? 0),
-                        maxAttempts: Int(row.int("max_attempts") ?? 5), leaseToken: token, deliveryKey: key))
+                        maxAttempts: Int(row.int("max_attempts") ?? 5), leaseToken: token, deliveryKey: key,
+                        receivedAt: Date(timeIntervalSince1970: Double(row.int("created_at") ?? 0))))
             }
             return jobs
         }

@@ -63,6 +63,9 @@ extension SMTPReply {
         .init(550, .init(5, 1, 1), "<\(address)>: Recipient address rejected: User unknown")
     }
     public static func relayDenied(_ address: String) -> SMTPReply { .init(554, .init(5, 7, 1), "<\(address)>: Relay access denied") }
+    public static func mailboxFull(_ address: String) -> SMTPReply {
+        .init(452, .init(4, 2, 2), "<\(address)>: Mailbox full, try again later")
+    }
     public static let tooManyRecipients = SMTPReply(452, .init(4, 5, 3), "Too many recipients")
     public static let recipientOk = SMTPReply(250, .init(2, 1, 5), "Ok")
     public static let noValidRecipients = SMTPReply(554, .init(5, 5, 1), "No valid recipients")
