@@ -62,7 +62,42 @@ public enum SQLiteSchema {
             """,
             "CREATE INDEX idx_queue_recipients_due ON queue_recipients(status, next_retry)",
             "CREATE INDEX idx_queue_recipients_domain ON queue_recipients(domain)",
-        ]
+        ],
+        // Version 2: the database mailbox store, which is also the index of the timeseries and
+        // S3 stores (see `SQLiteMailboxStore` for how this differs from API.md's `messages`).
+        [
+            """
+            CREATE TABLE messages (
+                id INTEGER PRIMARY KEY,
+                message_id TEXT NOT NULL,
+                "user" TEXT NOT NULL,
+                folder TEXT NOT NULL,
+                from_addr TEXT,
+                to_addrs TEXT,
+                subject TEXT,
+                date INTEGER NOT NULL,
+                size INTEGER NOT NULL,
+                flags TEXT NOT NULL DEFAULT '',
+                body BLOB,
+                headers TEXT,
+                location TEXT,
+                UNIQUE("user", folder, message_id)
+            )
+            """,
+            #"CREATE INDEX idx_messages_user ON messages("user")"#,
+            #"CREATE INDEX idx_messages_folder ON messages("user", folder, date)"#,
+            "CREATE INDEX idx_messages_date ON messages(date)",
+            "CREATE INDEX idx_messages_location ON messages(location) WHERE location IS NOT NULL",
+            // Keeps its own copy of the indexed text: SQLite 3.40 (Debian 12) has no
+            // `contentless_delete` (3.43), and a contentless table can only forget a row when
+            // given the exact text it indexed.
+            "CREATE VIRTUAL TABLE messages_fts USING fts5(subject, body, tokenize = 'unicode61 remove_diacritics 2')",
+            """
+            CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+                DELETE FROM messages_fts WHERE rowid = old.id;
+            END
+            """,
+        ],
     ]
 
     /// The version this build writes.

@@ -55,6 +55,12 @@ private func age(_ path: String, by seconds: Int) throws {
 
 private func buffer(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
 
+private func maildirDelivery(_ mailbox: String, key: String) -> MailboxDelivery {
+    MailboxDelivery(
+        mailbox: mailbox, messageID: "msg_test", deliveryKey: key, sender: "a@b.example",
+        receivedAt: Date())
+}
+
 @Suite("FileStoreTests")
 struct FileStoreTests {
     let pool = NIOThreadPool.singleton
@@ -247,7 +253,7 @@ struct FileStoreTests {
         let message = "From: a@b.example\r\nSubject: t\r\n\r\nbody \u{00e9}\r\n.\r\n" + String(repeating: "x", count: 70_000)
         let key = store.makeDeliveryKey()
 
-        #expect(try await store.deliver(buffer(message), to: "Jane@Example.COM", deliveryKey: key))
+        #expect(try await store.deliver(buffer(message), maildirDelivery("Jane@Example.COM", key: key)))
 
         let box = root + "/jane@example.com"
         #expect(try names(in: box) == ["cur", "new", "tmp"])
@@ -268,9 +274,9 @@ struct FileStoreTests {
         defer { temp.remove() }
         let store = MaildirStore(root: temp.path, hostname: "mx.example.com", threadPool: self.pool)
         let key = store.makeDeliveryKey()
-        #expect(try await store.deliver(buffer("first"), to: "u@example.com", deliveryKey: key))
-        #expect(try await store.deliver(buffer("second"), to: "u@example.com", deliveryKey: key) == false)
-        #expect(try await store.deliver(buffer("third"), to: "U@EXAMPLE.COM", deliveryKey: key) == false)
+        #expect(try await store.deliver(buffer("first"), maildirDelivery("u@example.com", key: key)))
+        #expect(try await store.deliver(buffer("second"), maildirDelivery("u@example.com", key: key)) == false)
+        #expect(try await store.deliver(buffer("third"), maildirDelivery("U@EXAMPLE.COM", key: key)) == false)
 
         let files = try store.messageFiles(of: "u@example.com")
         #expect(files.count == 1)
@@ -278,9 +284,9 @@ struct FileStoreTests {
         #expect(try names(in: temp.path + "/u@example.com/tmp") == [])
 
         // Same key, other mailbox: a separate delivery.
-        #expect(try await store.deliver(buffer("first"), to: "v@example.com", deliveryKey: key))
+        #expect(try await store.deliver(buffer("first"), maildirDelivery("v@example.com", key: key)))
         // Other key, same mailbox: a second message.
-        #expect(try await store.deliver(buffer("other"), to: "u@example.com", deliveryKey: store.makeDeliveryKey()))
+        #expect(try await store.deliver(buffer("other"), maildirDelivery("u@example.com", key: store.makeDeliveryKey())))
         #expect(try store.messageFiles(of: "u@example.com").count == 2)
     }
 
@@ -290,12 +296,12 @@ struct FileStoreTests {
         defer { temp.remove() }
         let store = MaildirStore(root: temp.path, hostname: "mx.example.com", threadPool: self.pool)
         let key = store.makeDeliveryKey()
-        #expect(try await store.deliver(buffer("hello"), to: "u@example.com", deliveryKey: key))
+        #expect(try await store.deliver(buffer("hello"), maildirDelivery("u@example.com", key: key)))
         let box = temp.path + "/u@example.com"
         // A mail reader moves it to cur/ (and marks it Seen).
         #expect(rename(box + "/new/" + key, box + "/cur/" + key + suffix) == 0)
 
-        #expect(try await store.deliver(buffer("hello"), to: "u@example.com", deliveryKey: key) == false)
+        #expect(try await store.deliver(buffer("hello"), maildirDelivery("u@example.com", key: key)) == false)
         #expect(try store.messageFiles(of: "u@example.com") == [box + "/cur/" + key + suffix])
         #expect(try names(in: box + "/new") == [])
     }
@@ -316,7 +322,7 @@ struct FileStoreTests {
         #expect(try store.messageFiles(of: "u@example.com") == [])
         #expect(try await store.usageBytes(of: "u@example.com") == 0)
 
-        #expect(try await store.deliver(buffer("the real message"), to: "u@example.com", deliveryKey: key))
+        #expect(try await store.deliver(buffer("the real message"), maildirDelivery("u@example.com", key: key)))
         #expect(try contents(box + "/new/" + key) == Array("the real message".utf8))
         #expect(try fileMode(box + "/new/" + key) == 0o600)
         #expect(try names(in: box + "/tmp") == [])
@@ -331,8 +337,8 @@ struct FileStoreTests {
         #expect(try store.messageFiles(of: "nobody@example.com") == [])
 
         let first = store.makeDeliveryKey()
-        #expect(try await store.deliver(buffer(String(repeating: "a", count: 1000)), to: "u@example.com", deliveryKey: first))
-        #expect(try await store.deliver(buffer(String(repeating: "b", count: 234)), to: "u@example.com", deliveryKey: store.makeDeliveryKey()))
+        #expect(try await store.deliver(buffer(String(repeating: "a", count: 1000)), maildirDelivery("u@example.com", key: first)))
+        #expect(try await store.deliver(buffer(String(repeating: "b", count: 234)), maildirDelivery("u@example.com", key: store.makeDeliveryKey())))
         let box = temp.path + "/mail/u@example.com"
         #expect(rename(box + "/new/" + first, box + "/cur/" + first + ":2,S") == 0)
         try write("junk", to: box + "/tmp/leftover")
@@ -348,12 +354,14 @@ struct FileStoreTests {
         defer { temp.remove() }
         let store = MaildirStore(root: temp.path, hostname: "mx.example.com", threadPool: self.pool)
         await #expect {
-            _ = try await store.deliver(buffer("x"), to: mailbox, deliveryKey: store.makeDeliveryKey())
+            _ = try await store.deliver(buffer("x"), maildirDelivery(mailbox, key: store.makeDeliveryKey()))
         } throws: { error in
-            (error as? FileStoreError)?.kind == .invalidMailbox
+            (error as? MailboxError)?.kind == .invalidMailbox
         }
-        await #expect(throws: FileStoreError.self) { _ = try await store.usageBytes(of: mailbox) }
-        #expect(throws: FileStoreError.self) { _ = try store.messageFiles(of: mailbox) }
+        await #expect(throws: MailboxError.self) { _ = try await store.usageBytes(of: mailbox) }
+        await #expect(throws: MailboxError.self) { _ = try await store.list(mailbox: mailbox, folder: "INBOX", offset: 0, limit: 10) }
+        await #expect(throws: MailboxError.self) { try await store.deleteMailbox(mailbox) }
+        #expect(throws: MailboxError.self) { _ = try store.messageFiles(of: mailbox) }
         #expect(try names(in: temp.path) == [])
     }
 
@@ -363,7 +371,7 @@ struct FileStoreTests {
         defer { temp.remove() }
         let store = MaildirStore(root: temp.path, hostname: "mx.example.com", threadPool: self.pool)
         await #expect {
-            _ = try await store.deliver(buffer("x"), to: "u@example.com", deliveryKey: key)
+            _ = try await store.deliver(buffer("x"), maildirDelivery("u@example.com", key: key))
         } throws: { error in
             (error as? FileStoreError)?.kind == .invalidDeliveryKey
         }
@@ -377,7 +385,7 @@ struct FileStoreTests {
         let key = store.makeDeliveryKey()
         let stored = try await withThrowingTaskGroup(of: Bool.self) { group in
             for _ in 0..<8 {
-                group.addTask { try await store.deliver(buffer("same message"), to: "u@example.com", deliveryKey: key) }
+                group.addTask { try await store.deliver(buffer("same message"), maildirDelivery("u@example.com", key: key)) }
             }
             var count = 0
             for try await result in group where result { count += 1 }

@@ -26,6 +26,7 @@ private struct Embedded {
     let accounts: AccountService
     let ingress: IngressService
     let delivery: DeliveryService
+    let quota: QuotaChecker
 
     init(localDomains: [String] = ["example.test"]) throws {
         var template = Array((NSTemporaryDirectory() + "/mailtier-queue-XXXXXX").utf8CString)
@@ -47,10 +48,12 @@ private struct Embedded {
             users: SQLiteUserStore(database: database),
             hasher: Argon2idHasher(threadPool: pool, parameters: .init(timeCost: 1, memoryKiB: 1024, parallelism: 1)))
         let logger = Logger(label: "test")
-        ingress = IngressService(configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: nil, logger: logger)
+        quota = QuotaChecker(mailboxes: mailboxes, cacheLifetime: .zero)
+        ingress = IngressService(
+            configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: nil, quota: quota, logger: logger)
         delivery = DeliveryService(
             queue: queue, spool: spool, mailboxes: mailboxes, settings: .init(exclusive: true, pollInterval: .seconds(1)),
-            doorbell: Doorbell(), logger: logger)
+            doorbell: Doorbell(), quota: (accounts.users, quota), logger: logger)
     }
 
     func remove() { try? FileManager.default.removeItem(atPath: directory) }
@@ -181,7 +184,10 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
             // The worker claims, stores into the maildir, and dies before recording the result.
             let jobs = try await e.queue.claimDue(now: Date(), limit: 10, lease: .seconds(300), localOnly: true, makeDeliveryKey: { e.mailboxes.makeDeliveryKey() })
             #expect(jobs.count == 1)
-            #expect(try await e.mailboxes.deliver(ByteBuffer(string: "x"), to: jobs[0].recipient, deliveryKey: jobs[0].deliveryKey))
+            let crashed = MailboxDelivery(
+                mailbox: jobs[0].recipient, messageID: jobs[0].messageID, deliveryKey: jobs[0].deliveryKey, sender: jobs[0].mailFrom,
+                receivedAt: jobs[0].receivedAt)
+            #expect(try await e.mailboxes.deliver(ByteBuffer(string: "x"), crashed))
             #expect(try await e.delivery.runOnce() == 0, "the lease still holds")
             // Restart: embedded mode releases the dead worker's leases.
             try await e.queue.releaseAllLeases()
@@ -227,6 +233,35 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
                 #expect(try await e.delivery.runOnce(now: now) == 0, "not due yet")
                 now = now.addingTimeInterval(40_000)
             }
+        }
+    }
+
+    @Test("quota: a full mailbox is refused at RCPT (452 4.2.2); a message that would overflow it is deferred, then failed")
+    func quota() async throws {
+        try await withEmbedded { e in
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 1, isAdmin: false)
+            let alice = ForwardPath.mailbox(Mailbox(localPart: "alice", domain: "example.test"))
+            // 0.6 MB fits; a second one would not: deferred.
+            let big = ByteBuffer(repeating: UInt8(ascii: "a"), count: 600_000)
+            for _ in 0..<2 {
+                guard case .queued = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: big, session: e.session) else {
+                    Issue.record("not queued")
+                    return
+                }
+            }
+            #expect(try await e.delivery.runOnce() == 2)
+            #expect(try e.maildir("alice@example.test").count == 1)
+            let deferred = try await e.database.read { db in try db.query("SELECT * FROM queue_recipients").first }
+            #expect(deferred?.string("status") == "retry")
+            #expect(deferred?.string("last_error") == "mailbox full (quota 1 MB)")
+            #expect(await e.ingress.checkRecipient(alice, envelope: e.envelope(to: []), session: e.session) == nil, "not full yet")
+            // Fill it: now RCPT is refused.
+            try await e.accounts.setQuota(username: "alice", quotaMB: 0)
+            let third = ByteBuffer(repeating: UInt8(ascii: "b"), count: 500_000)
+            _ = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: third, session: e.session)
+            #expect(try await e.delivery.runOnce(now: Date().addingTimeInterval(100_000)) == 2, "quota 0 is unlimited")
+            try await e.accounts.setQuota(username: "alice", quotaMB: 1)
+            #expect(await e.ingress.checkRecipient(alice, envelope: e.envelope(to: []), session: e.session) == .mailboxFull("alice@example.test"))
         }
     }
 
