@@ -88,6 +88,7 @@ let package = Package(
         ]),
         .testTarget(name: "MailTierTests", dependencies: [
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
+            .product(name: "PostgresNIO", package: "postgres-nio"),
         ]),
         .testTarget(name: "MailTierS3Tests", dependencies: ["MailTierS3", "MailTier"]),
         .testTarget(name: "MailTierPostgresTests", dependencies: ["MailTierPostgres", "MailTier"]),

@@ -100,12 +100,19 @@ public final class DeliveryService: Service, Sendable {
             now: now, limit: settings.batchSize, lease: settings.lease, localOnly: true,
             makeDeliveryKey: { [mailboxes] in mailboxes.makeDeliveryKey() })
         guard !jobs.isEmpty else { return 0 }
-        let outcomes = await withTaskGroup(of: (DeliveryJob, DeliveryOutcome).self) { group in
-            for job in jobs {
-                group.addTask { (job, await self.deliver(job, now: now)) }
+        // Mailboxes in parallel; one mailbox's messages in order, so its quota is measured
+        // between them and no two writers race on it.
+        let byMailbox = Dictionary(grouping: jobs, by: \.recipient)
+        let outcomes = await withTaskGroup(of: [(job: DeliveryJob, outcome: DeliveryOutcome)].self) { group in
+            for mailboxJobs in byMailbox.values {
+                group.addTask {
+                    var results: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
+                    for job in mailboxJobs { results.append((job, await self.deliver(job, now: now))) }
+                    return results
+                }
             }
             var outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
-            for await result in group { outcomes.append(result) }
+            for await results in group { outcomes += results }
             return outcomes
         }
         let finished = try await queue.record(outcomes, now: Date())

@@ -143,8 +143,8 @@ public struct MessageHeaders: Sendable {
         let limit = min(view.count, 262_144)
         let text = String(decoding: view[view.startIndex..<(view.startIndex + limit)], as: UTF8.self)
         var current: (name: String, value: String)?
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            let line = rawLine.last == "\r" ? rawLine.dropLast() : rawLine
+        // "\r\n" is one Character in Swift: split on newline characters, not on "\n".
+        for line in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline) {
             if line.isEmpty { break }
             if let first = line.first, first == " " || first == "\t" {
                 current?.value += " " + Self.trimmed(line)

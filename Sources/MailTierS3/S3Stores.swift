@@ -12,10 +12,13 @@ public struct S3BlobStore: BlobStore {
     public let client: S3Client
     /// `spool/`.
     public let prefix: String
+    /// Keys per ListObjectsV2 page in `list()` (S3 caps it at 1000).
+    public let listPageSize: Int
 
-    public init(client: S3Client, prefix: String = "spool/") {
+    public init(client: S3Client, prefix: String = "spool/", listPageSize: Int = 1000) {
         self.client = client
         self.prefix = prefix
+        self.listPageSize = max(1, min(listPageSize, 1000))
     }
 
     public func put(key: String, data: ByteBuffer) async throws {
@@ -36,7 +39,7 @@ public struct S3BlobStore: BlobStore {
         var blobs: [(key: String, modified: Date)] = []
         var token: String?
         repeat {
-            let page = try await client.listObjects(prefix: prefix, continuationToken: token)
+            let page = try await client.listObjects(prefix: prefix, continuationToken: token, maxKeys: listPageSize)
             for object in page.keys where object.key.hasPrefix(prefix) {
                 let key = String(object.key.dropFirst(prefix.count))
                 if !key.isEmpty { blobs.append((key, object.lastModified)) }

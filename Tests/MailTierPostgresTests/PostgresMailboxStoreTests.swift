@@ -333,10 +333,18 @@ private func count(_ database: Database, _ query: PostgresQuery) async throws ->
         try await withPostgresStore { store, _, _ in
             #expect(try await store.deliver(pgMessage("Hello world", body: "NEAR the OR gate, a star * shines.\r\n"), pgDelivery(alice, "msg_syntax")))
             #expect(try await store.deliver(pgMessage("Other", body: "hello alone\r\n"), pgDelivery(alice, "msg_other")))
-            for query in ["", "   ", "*", "\"", "(", ")", "NEAR(", "-", "!", "&", "|", "<->", ":*", "'", "\\", "\0", "hello:*", "!hello", "hello & !world"] {
-                let words = PostgresSearchText.words(query)
-                let expected: Set<String> =
-                    words.isEmpty ? [] : words.count == 1 ? ["msg_syntax", "msg_other"] : ["msg_syntax"]
+            // Nothing but syntax: no words, no results, no error.
+            for query in ["", "   ", "*", "\"", "(", ")", "-", "!", "&", "|", "<->", ":*", "'", "\\", "\0", "!(&|)", "\u{1F600}"] {
+                #expect(try await store.search(mailbox: alice, query: query, limit: 10).isEmpty, "query \(String(reflecting: query))")
+            }
+            // tsquery syntax around words: only the words count.
+            let table: [(String, Set<String>)] = [
+                ("NEAR(", ["msg_syntax"]), ("OR", ["msg_syntax"]), ("star:*", ["msg_syntax"]), ("AND", []),
+                ("hello:*", ["msg_syntax", "msg_other"]), ("!hello", ["msg_syntax", "msg_other"]),
+                ("hello & !world", ["msg_syntax"]), ("hello | alone", ["msg_other"]), ("hello <-> world", ["msg_syntax"]),
+                ("'hello' 'alone'", ["msg_other"]), ("hello\0alone", ["msg_other"]),
+            ]
+            for (query, expected) in table {
                 let results = try await store.search(mailbox: alice, query: query, limit: 10)
                 #expect(Set(results.map(\.id)) == expected, "query \(String(reflecting: query))")
             }

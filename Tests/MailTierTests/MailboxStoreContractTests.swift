@@ -90,7 +90,7 @@ private func withStore(_ backend: Backend, _ body: (any MailboxStore, Mailboxes)
 @Suite("Mailbox store contract") struct MailboxStoreContractTests {
     @Test("deliver, fetch the exact bytes, list what was stored", arguments: Backend.allCases)
     func deliverAndFetch(backend: Backend) async throws {
-        try await withStore(backend) { store, names in
+        try await withStore(backend) { (store, names) async throws in
             let content = message("First", body: "From the start\r\n>From quoted\r\n.dot\r\n\r\nend\r\n")
             #expect(try await store.deliver(content, delivery(names.alice, "msg_contract000000000001", store)))
             let (messages, total) = try await store.list(mailbox: names.alice, folder: "INBOX", offset: 0, limit: 10)
@@ -110,7 +110,7 @@ private func withStore(_ backend: Backend, _ body: (any MailboxStore, Mailboxes)
 
     @Test("a retried delivery stores nothing new", arguments: Backend.allCases)
     func idempotent(backend: Backend) async throws {
-        try await withStore(backend) { store, names in
+        try await withStore(backend) { (store, names) async throws in
             let first = delivery(names.alice, "msg_contract000000000002", store)
             #expect(try await store.deliver(message("Once"), first))
             #expect(try await store.deliver(message("Once"), first) == false)
@@ -120,7 +120,7 @@ private func withStore(_ backend: Backend, _ body: (any MailboxStore, Mailboxes)
 
     @Test("listing is oldest first, paged, with the total", arguments: Backend.allCases)
     func paging(backend: Backend) async throws {
-        try await withStore(backend) { store, names in
+        try await withStore(backend) { (store, names) async throws in
             for index in 0..<5 {
                 let when = Date(timeIntervalSince1970: 1_761_220_800 + Double(index) * 86_400)
                 #expect(try await store.deliver(message("Number \(index)"), delivery(names.alice, "msg_contract00000000010\(index)", store, at: when)))
@@ -137,7 +137,7 @@ private func withStore(_ backend: Backend, _ body: (any MailboxStore, Mailboxes)
 
     @Test("delete, flags, and deleting a mailbox", arguments: Backend.allCases)
     func deleteAndFlags(backend: Backend) async throws {
-        try await withStore(backend) { store, names in
+        try await withStore(backend) { (store, names) async throws in
             #expect(try await store.deliver(message("Keep"), delivery(names.alice, "msg_contract000000000201", store)))
             #expect(try await store.deliver(message("Drop"), delivery(names.alice, "msg_contract000000000202", store)))
             let listed = try await store.list(mailbox: names.alice, folder: "INBOX", offset: 0, limit: 10).messages
@@ -164,7 +164,7 @@ private func withStore(_ backend: Backend, _ body: (any MailboxStore, Mailboxes)
 
     @Test("mailboxes are separate; one message to two users is stored for each", arguments: Backend.allCases)
     func twoUsers(backend: Backend) async throws {
-        try await withStore(backend) { store, names in
+        try await withStore(backend) { (store, names) async throws in
             let content = message("For both")
             #expect(try await store.deliver(content, delivery(names.alice, "msg_contract000000000301", store)))
             #expect(try await store.deliver(content, delivery(names.bob, "msg_contract000000000301", store)))
