@@ -22,7 +22,7 @@ enum TestServices {
     static var postgres: ConditionTrait {
         .enabled(
             if: postgresURL != nil || servicesRequired,
-            "skipped: MAILTIER_TEST_POSTGRES_URL is not set (\(howToStart))")
+            "MAILTIER_TEST_POSTGRES_URL is not set (\(howToStart))")
     }
 
     /// The URL; when it is missing, records a failure (services are required) and returns nil.

@@ -7,6 +7,10 @@ import MailTier
 import NIOCore
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 @testable import MailTierS3
 
 // Against a real S3 server (SeaweedFS with signature checking on): see TestServices.swift.
@@ -221,27 +225,17 @@ struct S3ClientTests {
         }
     }
 
-    @Test func missingBucketIsNotRetryable() async throws {
+    @Test func missingBucketIsNoSuchBucketAndNotRetryable() async throws {
         guard let settings = TestServices.requireS3() else { return }
+        // Reads only: SeaweedFS (like some other S3 servers) creates a missing bucket on a PUT.
         try await withClient(configuration(settings, bucket: "mailtier-test-absent-\(UInt32.random(in: 0...UInt32.max))")) { client in
-            let error = try #require(await s3Error { try await client.putObject(key: "k", body: buffer("x")) })
-            #expect(error.code == "NoSuchBucket")
-            #expect(!error.isRetryable)
-        }
-    }
-
-    @Test func unreachableEndpointIsRetryable() async throws {
-        guard TestServices.requireS3() != nil || !TestServices.servicesRequired else { return }
-        // Port 1 on the loopback: nothing listens there, the connection is refused.
-        let unreachable = S3Configuration(
-            endpoint: "http://127.0.0.1:1", region: "us-east-1", accessKey: "a", secretKey: "secret-never-shown",
-            bucket: "b", requestTimeout: .seconds(10))
-        try await withClient(unreachable) { client in
-            let error = try #require(await s3Error { _ = try await client.getObject(key: "k") })
-            #expect(error.isRetryable, "\(error)")
-            #expect(error.status == 0)
-            #expect(["ConnectionError", "Timeout"].contains(error.code), "\(error)")
-            #expect(!error.description.contains("secret-never-shown"))
+            let get = try #require(await s3Error { _ = try await client.getObject(key: "k") })
+            #expect(get.code == "NoSuchBucket")
+            #expect(get.isNotFound)
+            #expect(!get.isRetryable)
+            let list = try #require(await s3Error { _ = try await client.listObjects(prefix: "") })
+            #expect(list.code == "NoSuchBucket")
+            #expect(!list.isRetryable)
         }
     }
 
@@ -393,6 +387,39 @@ struct S3OfflineTests {
         #expect(!dumped.contains(secret))
     }
 
+    @Test func unreachableEndpointIsRetryable() async throws {
+        // Port 1 on the loopback: nothing listens there, every connection is refused. AsyncHTTPClient
+        // retries refused connections until its connect timeout, so this ends as ConnectionError or
+        // as this client's own Timeout, whichever comes first: both retryable.
+        let unreachable = S3Configuration(
+            endpoint: "http://127.0.0.1:1", region: "us-east-1", accessKey: "a", secretKey: "secret-never-shown",
+            bucket: "b", requestTimeout: .seconds(3))
+        try await withClient(unreachable) { client in
+            let error = try #require(await s3Error { _ = try await client.getObject(key: "k") })
+            #expect(error.isRetryable, "\(error)")
+            #expect(error.status == 0)
+            #expect(["ConnectionError", "Timeout"].contains(error.code), "\(error)")
+            #expect(!error.description.contains("secret-never-shown"))
+        }
+    }
+
+    #if canImport(Glibc)
+    @Test func aServerThatNeverAnswersTimesOut() async throws {
+        let listener = try #require(SilentListener())
+        let silent = S3Configuration(
+            endpoint: "http://127.0.0.1:\(listener.port)", region: "us-east-1", accessKey: "a", secretKey: "s", bucket: "b",
+            requestTimeout: .milliseconds(500))
+        try await withClient(silent) { client in
+            let start = ContinuousClock.now
+            let error = try #require(await s3Error { _ = try await client.getObject(key: "k") })
+            #expect(error.code == "Timeout", "\(error)")
+            #expect(error.isRetryable)
+            #expect(ContinuousClock.now - start < .seconds(5))
+        }
+        withExtendedLifetime(listener) {}
+    }
+    #endif
+
     @Test func invalidEndpointIsRejectedWithoutSending() async throws {
         let invalid = S3Configuration(endpoint: "ftp://example", region: "us-east-1", accessKey: "a", secretKey: "s", bucket: "b")
         try await withClient(invalid) { client in
@@ -404,3 +431,35 @@ struct S3OfflineTests {
         }
     }
 }
+
+#if canImport(Glibc)
+/// A TCP socket on 127.0.0.1 that listens but never accepts: connections complete in the kernel's
+/// backlog, requests are sent, and no byte ever comes back.
+private final class SilentListener {
+    let fd: Int32
+    let port: Int
+
+    init?() {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = 0
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { generic in
+                bind(fd, generic, length) == 0 && listen(fd, 16) == 0 && getsockname(fd, generic, &length) == 0
+            }
+        }
+        guard bound else {
+            close(fd)
+            return nil
+        }
+        self.fd = fd
+        self.port = Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    deinit { close(fd) }
+}
+#endif

@@ -56,6 +56,29 @@ private func indexEntry(_ mailbox: String, _ id: String, location: String, size:
         #expect(try await store.list(mailbox: alice, folder: "INBOX", offset: 0, limit: 10).messages.map(\.subject) == ["Kept"])
     }
 
+    @Test func aVersionOneFileIsUpgradedKeepingItsUsers() async throws {
+        var template = Array((NSTemporaryDirectory() + "/mailtier-dbstore-XXXXXX").utf8CString)
+        let directory = String(cString: try #require(mkdtemp(&template)))
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/smtp.db"
+        do {
+            // Make a version-1 file: today's schema without what migration 2 added.
+            let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
+            _ = try await SQLiteUserStore(database: database).create(username: "alice", email: alice, passwordHash: "x", quotaMB: 10, isAdmin: false)
+            try database.writeSync { connection in
+                try connection.execute("DROP TABLE messages_fts")
+                try connection.execute("DROP TABLE messages")
+                try connection.execute("PRAGMA user_version = 1")
+            }
+        }
+        let upgraded = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
+        #expect(try upgraded.readSync { try SQLiteSchema.userVersion($0) } == 2)
+        #expect(try await SQLiteUserStore(database: upgraded).user(named: "alice")?.email == alice)
+        let store: any SearchableMailboxStore = SQLiteMailboxStore(database: upgraded)
+        #expect(try await store.deliver(dbMessage("Upgraded"), dbDelivery(alice, "msg_upgraded")))
+        #expect(try await store.search(mailbox: alice, query: "upgraded", limit: 10).map(\.id) == ["msg_upgraded"])
+    }
+
     @Test func deliverListFetch() async throws {
         try await withDatabaseStore { store, index, _ in
             let content = dbMessage("First", body: "From the start\r\n.dot\r\n\r\nend\r\n")
@@ -207,7 +230,7 @@ private func indexEntry(_ mailbox: String, _ id: String, location: String, size:
             #expect(try await store.deliver(dbMessage("Hello world", body: "NEAR the OR gate, a star * shines.\r\n"), dbDelivery(alice, "msg_syntax")))
             #expect(try await store.deliver(dbMessage("Other", body: "hello alone\r\n"), dbDelivery(alice, "msg_other")))
             // Nothing but syntax: no words, no results, no error.
-            for query in ["", "   ", "*", "\"", "\"\"", "(", ")", "-", "^", ":", "+", "'", "\\", "\0", "* OR *", "{}", "\u{1F600}"] {
+            for query in ["", "   ", "*", "\"", "\"\"", "(", ")", "-", "^", ":", "+", "'", "\\", "\0", "* - *", "{}", "\u{1F600}"] {
                 #expect(try await store.search(mailbox: alice, query: query, limit: 10).isEmpty, "query \(String(reflecting: query))")
             }
             // Syntax around words: only the words count.

@@ -49,6 +49,14 @@ enum ExternalBackends {
             try await client.createBucket()
             let index = SQLiteMailboxStore(database: try SQLiteDatabase(path: directory + "/index.db", threadPool: NIOThreadPool.singleton))
             return StoreUnderTest(store: IndexedMailboxStore(index: index, content: S3MessageContentStore(client: client))) {
+                // Leave no bucket behind: empty it, then delete it.
+                var token: String?
+                repeat {
+                    guard let page = try? await client.listObjects(prefix: "", continuationToken: token) else { break }
+                    for object in page.keys { try? await client.deleteObject(key: object.key) }
+                    token = page.nextToken
+                } while token != nil
+                try? await client.deleteBucket()
                 try? await client.shutdown()
                 try await cleanup()
             }
