@@ -283,7 +283,8 @@ public struct MaildirStore: MailboxStore {
     }
 
     /// Sum of the sizes of the regular files in `new/` and `cur/` of the maildir and of every
-    /// Maildir++ subfolder (`tmp/` is not mail). 0 when the maildir does not exist.
+    /// Maildir++ subfolder (`tmp/` and hidden names are not mail). 0 when the maildir does not
+    /// exist.
     public func usageBytes(of mailbox: String) async throws -> Int64 {
         let box = try self.maildirPath(of: mailbox)
         return try await self.threadPool.runIfActive {
@@ -297,7 +298,7 @@ public struct MaildirStore: MailboxStore {
             for folder in folders {
                 for sub in ["new", "cur"] {
                     let directory = "\(folder)/\(sub)"
-                    for name in try FileStoreIO.listDirectory(directory) ?? [] {
+                    for name in try FileStoreIO.listDirectory(directory) ?? [] where !name.hasPrefix(".") {
                         // A file moved or expunged meanwhile is simply not counted.
                         if let info = try FileStoreIO.lstatIfExists("\(directory)/\(name)"),
                             FileStoreIO.isRegularFile(info)

@@ -164,7 +164,9 @@ struct MaildirStoreTests {
         #expect(listed.first?.flags == [.seen])
         #expect(try await store.setFlags([.flagged], mailbox: "u@example.com", folder: "INBOX", id: key))
         #expect(try listing(box + "/cur") == [key + ":2,Fa"])
-        #expect(try await store.deliver(buffer("again"), delivery(id: "msg_k", key: key)) == false)
+        #expect(string(try await store.fetch(mailbox: "u@example.com", folder: "INBOX", id: key)) == message("kw"))
+        #expect(try await store.delete(mailbox: "u@example.com", folder: "INBOX", id: key))
+        #expect(try listing(box + "/cur") == [])
     }
 
     @Test func temporaryAndHiddenFilesAreNeverMessages() async throws {
@@ -287,13 +289,13 @@ struct MboxStoreTests {
         #expect(try mode(scratch.path + "/mbox") == 0o700)
         #expect(try mode(file) == 0o600)
         #expect(try mode(scratch.path + "/mbox/.u@example.com.index") == 0o600)
-        #expect(try text(scratch.path + "/mbox/.u@example.com.index") == "msg_1 0 70 - 1761220800\nmsg_2 70 69 - 1762070709\n")
-        #expect(try await store.usageBytes(of: "u@example.com") == 139)
+        #expect(try text(scratch.path + "/mbox/.u@example.com.index") == "msg_1 0 68 - 1761220800\nmsg_2 68 66 - 1762070709\n")
+        #expect(try await store.usageBytes(of: "u@example.com") == 134)
 
         #expect(MboxStore.fromLine(sender: "odd sender\r\n@x", receivedAt: october23) == "From odd_sender__@x Thu Oct 23 12:00:00 2025")
         // Fractions of a second survive in the index.
         #expect(try await store.deliver(buffer("x\r\n"), delivery(id: "msg_3", at: Date(timeIntervalSince1970: 1_761_220_800.25))))
-        #expect(try text(scratch.path + "/mbox/.u@example.com.index").hasSuffix("msg_3 139 52 - 1761220800.250000\n"))
+        #expect(try text(scratch.path + "/mbox/.u@example.com.index").hasSuffix("msg_3 134 51 - 1761220800.250000\n"))
         let listed = try await store.list(mailbox: "u@example.com", folder: "INBOX", offset: 0, limit: 10).messages
         #expect(listed.map(\.date) == [october23, Date(timeIntervalSince1970: 1_761_220_800.25), november2])
     }
@@ -322,13 +324,13 @@ struct MboxStoreTests {
         #expect(string(try await store.fetch(mailbox: "u@example.com", folder: "INBOX", id: "msg_1")) == body)
         #expect(string(try await store.fetch(mailbox: "u@example.com", folder: "INBOX", id: "msg_2")) == "Subject: after\r\n\r\ny\r\n")
         let listed = try await store.list(mailbox: "u@example.com", folder: "INBOX", offset: 0, limit: 10).messages
-        #expect(listed.map(\.size) == [22, body.utf8.count, 22])
+        #expect(listed.map(\.size) == [22, body.utf8.count, 21])
 
         // Any mbox reader sees exactly three messages: only From_ lines start with "From ".
         let file = try text(scratch.path + "/u@example.com")
         let separators = file.split(separator: "\n", omittingEmptySubsequences: false).filter { $0.hasPrefix("From ") }
         #expect(separators.count == 3)
-        #expect(!file.contains("\r\n"))
+        if !body.contains("\r\r") { #expect(!file.utf8.contains(UInt8(ascii: "\r"))) }
     }
 
     @Test func escapingIsMboxrd() throws {
@@ -692,9 +694,9 @@ struct TimeSeriesContentStoreTests {
         let path = scratch.path + "/" + location
         try await store.write(buffer("Subject: s\r\n\r\nbody\r\n"), at: location)
         let original = try bytes(path)
-        #expect(original.count == 21 + 34)
+        #expect(original.count == 20 + 34)
 
-        // Header (magic 0-4, version 5), nonce (6-17), ciphertext (18-38), tag (39-54).
+        // Header (magic 0-4, version 5), nonce (6-17), ciphertext (18-37), tag (38-53).
         for position in original.indices {
             for mask: UInt8 in [0x01, 0x80] {
                 var changed = original
