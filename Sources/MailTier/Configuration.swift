@@ -334,7 +334,8 @@ struct EnvironmentReader {
 
     static func isSecret(_ name: String) -> Bool {
         let upper = name.uppercased()
-        return upper.contains("PASSWORD") || upper.contains("SECRET") || upper.contains("KEY")
+        // A database URL carries its password.
+        return upper.contains("PASSWORD") || upper.contains("SECRET") || upper.contains("KEY") || upper.contains("DATABASE_URL")
     }
 
     /// A value as it may appear in an error: quoted, escaped onto one line, at most 200

@@ -193,6 +193,7 @@ public struct MaildirStore: MailboxStore {
     /// Messages in `new/` have no flags. Subject and sender come from the first 64 KiB.
     public func list(mailbox: String, folder: String, offset: Int, limit: Int) async throws -> (messages: [StoredMessage], total: Int) {
         let box = try self.folderPath(of: mailbox, folder: folder)
+        let folderName = folder.uppercased() == "INBOX" ? "INBOX" : folder
         return try await self.threadPool.runIfActive {
             let all = try Self.scan(box)
             let start = min(max(offset, 0), all.count)
@@ -209,7 +210,7 @@ public struct MaildirStore: MailboxStore {
                         let headers = MessageHeaders(head.data)
                         messages.append(
                             StoredMessage(
-                                id: candidate.id, folder: folder, size: head.fileSize, date: candidate.date,
+                                id: candidate.id, folder: folderName, size: head.fileSize, date: candidate.date,
                                 flags: candidate.flags, subject: headers.subject, from: headers["From"]))
                         current = nil
                         break

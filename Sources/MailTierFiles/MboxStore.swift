@@ -158,7 +158,7 @@ public struct MboxStore: MailboxStore {
                     let headers = MessageHeaders(message)
                     messages.append(
                         StoredMessage(
-                            id: entry.messageID, folder: folder, size: message.readableBytes,
+                            id: entry.messageID, folder: "INBOX", size: message.readableBytes,
                             date: Date(timeIntervalSince1970: entry.receivedAt), flags: entry.flags,
                             subject: headers.subject, from: headers["From"]))
                 }

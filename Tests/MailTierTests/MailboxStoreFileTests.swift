@@ -212,7 +212,8 @@ struct MaildirStoreTests {
         #expect(try mode(box + "/.Sent/new/" + sentKey) == 0o600)
 
         // INBOX is the maildir itself, in any case.
-        #expect(try await store.list(mailbox: "u@example.com", folder: "inbox", offset: 0, limit: 10).messages.map(\.id) == [inboxKey])
+        let inbox = try await store.list(mailbox: "u@example.com", folder: "inbox", offset: 0, limit: 10).messages
+        #expect(inbox.map(\.id) == [inboxKey] && inbox.map(\.folder) == ["INBOX"])
         let sent = try await store.list(mailbox: "u@example.com", folder: "Sent", offset: 0, limit: 10)
         #expect(sent.total == 1 && sent.messages.map(\.id) == [sentKey] && sent.messages[0].folder == "Sent")
         #expect(try await store.fetch(mailbox: "u@example.com", folder: "INBOX", id: sentKey) == nil)
