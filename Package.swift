@@ -72,13 +72,20 @@ let package = Package(
             "MailTier", "CArgon2",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        // Wiring shared by the executables: which adapters a configuration selects.
+        .target(name: "MailTierBootstrap", dependencies: [
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // 6. Executables: thin.
         .executableTarget(name: "smtp-server", dependencies: [
-            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres", "SMTPNIO",
+            "MailTier", "MailTierBootstrap", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres", "SMTPNIO",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         .executableTarget(name: "user-cli", dependencies: [
-            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2",
+            "MailTier", "MailTierBootstrap", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierPostgres",
+            .product(name: "Logging", package: "swift-log"),
         ]),
 
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),

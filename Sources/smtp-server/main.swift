@@ -6,6 +6,7 @@ import Foundation
 import Logging
 import MailTier
 import MailTierArgon2
+import MailTierBootstrap
 import MailTierFiles
 import MailTierPostgres
 import MailTierS3
@@ -71,63 +72,14 @@ do {
     fail("SMTP_DB_PATH: cannot open \(configuration.dbPath): \(error)", code: 1)
 }
 
-// PostgreSQL, when configured: its client runs for the life of the process.
-let postgres: PostgresDatabase?
+let storage: Storage
 do {
-    postgres = try configuration.databaseURL.map { try PostgresDatabase(url: $0, logger: logger) }
+    storage = try Storage(configuration: configuration, database: database, threadPool: threadPool, logger: logger)
 } catch {
-    fail("SMTP_DATABASE_URL: \(error)")
+    fail(error.description)
 }
-
-// S3, when a bucket is configured: the spool lives there, and the s3 mailbox store.
-let s3: S3Client?
-if let bucket = configuration.s3Bucket, let accessKey = configuration.s3AccessKey, let secretKey = configuration.s3SecretKey {
-    s3 = S3Client(
-        configuration: S3Configuration(
-            endpoint: configuration.s3Endpoint, region: configuration.s3Region, accessKey: accessKey, secretKey: secretKey,
-            bucket: bucket),
-        logger: logger)
-} else {
-    s3 = nil
-}
-
-let spool: any BlobStore
-if let s3 {
-    spool = S3BlobStore(client: s3)
-} else {
-    do {
-        spool = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: threadPool)
-    } catch {
-        fail("SMTP_SPOOL_PATH: cannot use \(configuration.spoolPath): \(error)", code: 1)
-    }
-}
-
-var hostnameBuffer = [CChar](repeating: 0, count: 256)
-gethostname(&hostnameBuffer, 255)
-let machineName = String(decoding: hostnameBuffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-
-/// The index of stores that keep content elsewhere: the `messages` table.
-let mailboxIndex: any MailboxIndex = postgres.map { PostgresMailboxStore(database: $0) } ?? SQLiteMailboxStore(database: database)
-let mailboxes: any MailboxStore
-switch configuration.storageType {
-case .maildir:
-    mailboxes = MaildirStore(
-        root: configuration.storagePath, hostname: machineName.isEmpty ? configuration.hostname : machineName, threadPool: threadPool)
-case .mbox:
-    mailboxes = MboxStore(root: configuration.storagePath, threadPool: threadPool)
-case .database:
-    mailboxes = postgres.map { PostgresMailboxStore(database: $0) } ?? SQLiteMailboxStore(database: database)
-case .timeseries:
-    var key: SealingKey?
-    if let text = configuration.encryptionKey {
-        do { key = try SealedFile.key(fromBase64: text) } catch { fail("SMTP_ENCRYPTION_KEY: \(error)") }
-    }
-    mailboxes = IndexedMailboxStore(
-        index: mailboxIndex, content: TimeSeriesContentStore(root: configuration.storagePath, encryptionKey: key, threadPool: threadPool))
-case .s3:
-    guard let s3 else { fail("SMTP_S3_BUCKET: required when SMTP_STORAGE_TYPE is s3") }
-    mailboxes = IndexedMailboxStore(index: mailboxIndex, content: S3MessageContentStore(client: s3))
-}
+let spool = storage.spool
+let mailboxes = storage.mailboxes
 let accounts = AccountService(users: SQLiteUserStore(database: database), hasher: Argon2idHasher(threadPool: threadPool))
 let queue = SQLiteMessageQueue(database: database)
 
@@ -178,29 +130,13 @@ let group = ServiceGroup(
         services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) },
         gracefulShutdownSignals: [.sigterm, .sigint],
         logger: logger))
-/// Runs the services; PostgreSQL's client runs beside them (migrated first) until they stop.
-func runServices(postgres: PostgresDatabase?) async throws {
-    guard let postgres else { return try await group.run() }
-    try await withThrowingTaskGroup(of: Void.self) { tasks in
-        tasks.addTask { await postgres.run() }
-        do {
-            try await postgres.migrate()
-        } catch {
-            fail("SMTP_DATABASE_URL: cannot migrate the database: \(error)", code: 1)
-        }
-        try await group.run()
-        tasks.cancelAll()
-    }
-}
-
 var exitCode: Int32 = 0
 do {
-    try await runServices(postgres: postgres)
+    try await storage.withRunning { try await group.run() }
 } catch {
     logger.error("stopped with an error", metadata: ["error": "\(error)"])
     exitCode = 1
 }
-try? await s3?.shutdown()
 try? await threadPool.shutdownGracefully()
 logger.info("stopped")
 exit(exitCode)

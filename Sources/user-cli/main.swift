@@ -9,8 +9,10 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Logging
 import MailTier
 import MailTierArgon2
+import MailTierBootstrap
 import MailTierFiles
 import MailTierSQLite
 import NIOPosix
@@ -102,6 +104,18 @@ func expect(_ arguments: ArraySlice<String>, count: Int, command: String) throws
 }
 
 /// Runs one command; returns its stdout.
+/// The mailbox storage the server uses, from the same environment (`SMTP_STORAGE_TYPE`, …).
+func storage(database: SQLiteDatabase, threadPool: NIOThreadPool) throws(Failure) -> Storage {
+    var logger = Logger(label: "user-cli")
+    logger.logLevel = .critical
+    do {
+        let configuration = try Configuration.load(from: ProcessInfo.processInfo.environment)
+        return try Storage(configuration: configuration, database: database, threadPool: threadPool, logger: logger)
+    } catch {
+        throw .runtime("\(error)")
+    }
+}
+
 func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure) -> String {
     guard let command = arguments.first else { throw .usage("missing command") }
     let rest = arguments.dropFirst()
@@ -174,7 +188,15 @@ func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure)
             try await accounts.setQuota(username: a[0], quotaMB: quota)
             return "Quota set to \(quota) MB for user: \(a[0])\n"
         case "delete":
+            // The account and all its mail (API.md: "Delete a user and all their data").
+            let user = try await accounts.info(username: a[0])
+            let storage = try storage(database: database, threadPool: threadPool)
             try await accounts.delete(username: a[0])
+            do {
+                try await storage.withRunning { try await storage.mailboxes.deleteMailbox(user.email) }
+            } catch {
+                throw Failure.runtime("user \(a[0]) deleted, but the mailbox \(user.email) could not be removed: \(error)")
+            }
             return "User deleted successfully: \(a[0])\n"
         case "verify":
             // An administrator's check, not a login: last_login is left alone.
@@ -184,9 +206,9 @@ func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure)
             return "Authentication successful for user: \(a[0])\n"
         case "info":
             let user = try await accounts.info(username: a[0])
-            let storage = environment("SMTP_STORAGE_PATH", default: "/var/mail")
-            let mailboxes = MaildirStore(root: storage, hostname: "localhost", threadPool: threadPool)
-            let usedMB = Double((try? await mailboxes.usageBytes(of: user.email)) ?? 0) / 1_048_576
+            let storage = try storage(database: database, threadPool: threadPool)
+            let usedBytes = try await storage.withRunning { try await storage.mailboxes.usageBytes(of: user.email) }
+            let usedMB = Double(usedBytes) / 1_048_576
             let percent = user.quotaMB > 0 ? usedMB / Double(user.quotaMB) * 100 : 0
             return """
                 User Information:
