@@ -305,6 +305,29 @@ private func expectFailure(
         #expect(try await sandbox.cli("list").stdout == "Users:\nTotal: 0\n")
     }
 
+    @Test("delete removes the account's mail too, in the configured store")
+    func deleteRemovesMail() async throws {
+        let sandbox = try Sandbox()
+        _ = try await sandbox.cli("create", "john", "john@example.com", "MyP@ssw0rd")
+        _ = try await sandbox.cli("create", "jane", "jane@example.com", "MyP@ssw0rd")
+        for user in ["john", "jane"] {
+            let new = sandbox.storage + "/\(user)@example.com/new"
+            try FileManager.default.createDirectory(atPath: new, withIntermediateDirectories: true)
+            try Data("Subject: hi\r\n\r\nbody\r\n".utf8).write(to: URL(fileURLWithPath: new + "/1.M1P1.host"))
+        }
+        #expect(try await sandbox.cli("delete", "john").stdout == "User deleted successfully: john\n")
+        #expect(!FileManager.default.fileExists(atPath: sandbox.storage + "/john@example.com"))
+        #expect(FileManager.default.fileExists(atPath: sandbox.storage + "/jane@example.com/new/1.M1P1.host"))
+
+        // mbox: the same, through SMTP_STORAGE_TYPE.
+        _ = try await sandbox.cli("create", "mary", "mary@example.com", "MyP@ssw0rd")
+        try Data("From a@b Mon Oct 23 12:00:00 2025\nSubject: x\n\nbody\n\n".utf8)
+            .write(to: URL(fileURLWithPath: sandbox.storage + "/mary@example.com"))
+        let mbox = try await sandbox.cli("delete", "mary", environment: ["SMTP_STORAGE_TYPE": "mbox"])
+        #expect(mbox.status == 0, "\(mbox.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: sandbox.storage + "/mary@example.com"))
+    }
+
     @Test func info() async throws {
         let sandbox = try Sandbox()
         let before = Date()
