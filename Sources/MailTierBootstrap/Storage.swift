@@ -99,6 +99,8 @@ public struct Storage: Sendable {
                 await postgres.run()
                 return nil
             }
+            // Let the pool's run loop start before the first lease (PostgresNIO warns otherwise).
+            try await Task.sleep(for: .milliseconds(20))
             do {
                 try await postgres.migrate()
             } catch {
