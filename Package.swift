@@ -21,6 +21,8 @@ let package = Package(
         // C libraries, through the system's -dev packages.
         .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
         .systemLibrary(name: "CArgon2", pkgConfig: "libargon2", providers: [.apt(["libargon2-dev"])]),
+        // No pkgConfig: hiredis's .pc file carries -D_FILE_OFFSET_BITS=64, which SwiftPM refuses.
+        .systemLibrary(name: "CHiredis", providers: [.apt(["libhiredis-dev"])]),
 
         // 1. Pure SMTP: grammar, replies, state machines. NIOCore only (ByteBuffer).
         .target(name: "SMTPProtocol", dependencies: [
@@ -40,6 +42,7 @@ let package = Package(
             "SMTPProtocol", "SMTPNIO",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -68,13 +71,19 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
+        .target(name: "MailTierRedis", dependencies: [
+            "MailTier", "CHiredis",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "MailTierArgon2", dependencies: [
             "MailTier", "CArgon2",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         // Wiring shared by the executables: which adapters a configuration selects.
         .target(name: "MailTierBootstrap", dependencies: [
-            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres",
+            "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres", "MailTierRedis",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
@@ -99,6 +108,7 @@ let package = Package(
         ]),
         .testTarget(name: "MailTierS3Tests", dependencies: ["MailTierS3", "MailTier"]),
         .testTarget(name: "MailTierPostgresTests", dependencies: ["MailTierPostgres", "MailTier"]),
+        .testTarget(name: "MailTierRedisTests", dependencies: ["MailTierRedis", "MailTier"]),
         .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],
     swiftLanguageModes: [.v6]

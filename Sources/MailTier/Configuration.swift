@@ -11,6 +11,7 @@ import Musl
 import Darwin
 #endif
 import Logging
+import SMTPNIO
 import SMTPProtocol
 
 /// A bad configuration value. `description` is one line naming the variable, e.g.
@@ -54,6 +55,12 @@ public struct Configuration: Sendable, Equatable {
     /// What this process runs (DESIGN.md, "Roles"). `all` is embedded mode.
     public enum Role: String, Sendable, CaseIterable {
         case ingress, delivery, admin, all
+    }
+
+    /// `SMTP_REDIS_FAILURE`: `open` falls back to per-node limits while Redis is unreachable,
+    /// `closed` refuses what the limits guard (connections, messages, AUTH) until it is back.
+    public enum RedisFailurePolicy: String, Sendable, CaseIterable {
+        case open, closed
     }
 
     // API.md's table.
@@ -111,7 +118,27 @@ public struct Configuration: Sendable, Equatable {
     /// Base64 of 32 bytes: AES-256-GCM key for the timeseries store.
     public var encryptionKey: String? = nil
 
+    // Cluster mode (issue 4).
+    /// `redis://[:password@]host[:port][/db]`: per-IP limits shared by every node, and leases.
+    public var redisURL: String? = nil
+    /// What the limits do while Redis cannot be reached.
+    public var redisFailure: RedisFailurePolicy = .open
+    /// Per client address (API.md "Rate Limiting"); 0 turns a limit off.
+    public var rateConnectionsPerMinute: Int = 10
+    public var rateCommandsPerMinute: Int = 100
+    public var rateAuthFailuresPerHour: Int = 5
+    public var rateMessagesPerHour: Int = 20
+    /// Addresses allowed to send a PROXY v1/v2 header (load balancers).
+    public var trustedProxies: [CIDR] = []
+
     public init() {}
+
+    /// The per-address limits as the rate limiter takes them.
+    public var rateLimits: RateLimits {
+        RateLimits(
+            connectionsPerMinute: rateConnectionsPerMinute, commandsPerMinute: rateCommandsPerMinute,
+            authFailuresPerHour: rateAuthFailuresPerHour, messagesPerHour: rateMessagesPerHour)
+    }
 
     /// swift-log's level for `logLevel`.
     public var loggerLevel: Logger.Level { self.logLevel.loggerLevel }
@@ -193,6 +220,27 @@ extension Configuration {
         Variable(
             name: "SMTP_ENCRYPTION_KEY", defaultValue: "-",
             summary: "Base64 of 32 bytes: AES-256-GCM key sealing every timeseries file"),
+        Variable(
+            name: "SMTP_REDIS_URL", defaultValue: "-",
+            summary: "redis://[:password@]host[:port][/db]; rate limits shared by all nodes (in-process when unset)"),
+        Variable(
+            name: "SMTP_REDIS_FAILURE", defaultValue: "open",
+            summary: "While Redis is down: open (per-node limits) or closed (refuse what the limits guard)"),
+        Variable(
+            name: "SMTP_RATE_CONNECTIONS_PER_MINUTE", defaultValue: "10",
+            summary: "Connections per client address per minute (0 = off)"),
+        Variable(
+            name: "SMTP_RATE_COMMANDS_PER_MINUTE", defaultValue: "100",
+            summary: "SMTP commands per client address per minute (0 = off)"),
+        Variable(
+            name: "SMTP_RATE_AUTH_FAILURES_PER_HOUR", defaultValue: "5",
+            summary: "Failed AUTH attempts per client address per hour (0 = off)"),
+        Variable(
+            name: "SMTP_RATE_MESSAGES_PER_HOUR", defaultValue: "20",
+            summary: "Messages accepted per client address per hour (0 = off)"),
+        Variable(
+            name: "SMTP_TRUSTED_PROXIES", defaultValue: "-",
+            summary: "Comma-separated CIDRs allowed to send a PROXY v1/v2 header (others: closed)"),
     ]
 
     /// Usage text for `smtp-server --help`: every variable, its default and what it does.
@@ -285,6 +333,17 @@ extension Configuration {
         config.s3AccessKey = try env.token("SMTP_S3_ACCESS_KEY")
         config.s3SecretKey = try env.token("SMTP_S3_SECRET_KEY")
         config.encryptionKey = try env.base64Key("SMTP_ENCRYPTION_KEY", bytes: 32)
+        config.redisURL = try env.redisURL("SMTP_REDIS_URL")
+        config.redisFailure = try env.choice("SMTP_REDIS_FAILURE", RedisFailurePolicy.self) ?? config.redisFailure
+        config.rateConnectionsPerMinute =
+            try env.int("SMTP_RATE_CONNECTIONS_PER_MINUTE", in: 0...1_000_000) ?? config.rateConnectionsPerMinute
+        config.rateCommandsPerMinute =
+            try env.int("SMTP_RATE_COMMANDS_PER_MINUTE", in: 0...1_000_000) ?? config.rateCommandsPerMinute
+        config.rateAuthFailuresPerHour =
+            try env.int("SMTP_RATE_AUTH_FAILURES_PER_HOUR", in: 0...1_000_000) ?? config.rateAuthFailuresPerHour
+        config.rateMessagesPerHour =
+            try env.int("SMTP_RATE_MESSAGES_PER_HOUR", in: 0...1_000_000) ?? config.rateMessagesPerHour
+        config.trustedProxies = try env.cidrList("SMTP_TRUSTED_PROXIES") ?? config.trustedProxies
         if config.storageType == .s3 && config.s3Bucket == nil {
             throw ConfigurationError(variable: "SMTP_S3_BUCKET", message: "required when SMTP_STORAGE_TYPE is s3")
         }
@@ -336,6 +395,7 @@ struct EnvironmentReader {
         let upper = name.uppercased()
         // A database URL carries its password.
         return upper.contains("PASSWORD") || upper.contains("SECRET") || upper.contains("KEY") || upper.contains("DATABASE_URL")
+            || upper.contains("REDIS_URL")
     }
 
     /// A value as it may appear in an error: quoted, escaped onto one line, at most 200
@@ -460,6 +520,30 @@ struct EnvironmentReader {
             throw self.error(name, "expected postgres://user:password@host:port/database", got: value)
         }
         return value
+    }
+
+    /// `redis://[:password@]host[:port][/db]` (`rediss://` is not supported: no TLS client here).
+    func redisURL(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        guard (try? RedisEndpoint(url: value)) != nil else {
+            throw self.error(name, "expected redis://[:password@]host[:port][/db]", got: value)
+        }
+        return value
+    }
+
+    /// Comma-separated CIDRs (`10.0.0.0/8`, `::1/128`; a bare address means one host).
+    func cidrList(_ name: String) throws(ConfigurationError) -> [CIDR]? {
+        guard let value = self.raw(name) else { return nil }
+        var result: [CIDR] = []
+        for item in value.split(separator: ",") {
+            let text = Self.trim(item)
+            guard !text.isEmpty else { continue }
+            guard let cidr = CIDR(text) else {
+                throw self.error(name, "expected comma-separated CIDRs such as 10.0.0.0/8, 127.0.0.1/32", got: value)
+            }
+            result.append(cidr)
+        }
+        return result
     }
 
     /// `http://` or `https://` with a host, and no path beyond `/`.

@@ -1,0 +1,1 @@
+// MailTierRedis: rate limits and leases on Redis (hiredis as the RESP codec, NIO for the socket).
