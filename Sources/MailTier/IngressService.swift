@@ -20,12 +20,15 @@ public struct IngressService: SMTPServerDelegate {
     public let newMail: Doorbell?
     /// For quotas at RCPT time; none means no check here (delivery still checks).
     public let quota: QuotaChecker?
+    /// Counts connections, commands, AUTH failures and messages per client address.
+    public let limiter: any RateLimiter
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
-        newMail: Doorbell?, quota: QuotaChecker? = nil, logger: Logger
+        newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(), logger: Logger
     ) {
+        self.limiter = limiter
         self.configuration = configuration
         self.accounts = accounts
         self.queue = queue
@@ -35,12 +38,52 @@ public struct IngressService: SMTPServerDelegate {
         self.logger = logger
     }
 
+    // MARK: Rate limits
+
+    /// The SMTP session configuration's switches for the checks this service makes.
+    public var checksConnections: Bool { configuration.rateLimits.rule(for: .connection) != nil }
+    public var checksCommands: Bool { configuration.rateLimits.rule(for: .command) != nil }
+
+    /// Counts an event of `kind` for the client; nil when within the limit (or the limit is off).
+    func hit(_ kind: RateLimitKind, session: SMTPSessionInfo) async -> RateDecision? {
+        guard let rule = configuration.rateLimits.rule(for: kind) else { return nil }
+        let decision = await limiter.hit(kind, key: session.clientAddress, rule: rule, now: Date())
+        return decision.allowed ? nil : decision
+    }
+
+    /// Whether one more event of `kind` would be over the limit, without counting it.
+    func peek(_ kind: RateLimitKind, session: SMTPSessionInfo) async -> RateDecision? {
+        guard let rule = configuration.rateLimits.rule(for: kind) else { return nil }
+        let decision = await limiter.peek(kind, key: session.clientAddress, rule: rule, now: Date())
+        return decision.allowed ? nil : decision
+    }
+
+    public func connectionOpened(session: SMTPSessionInfo) async -> SMTPReply? {
+        guard let refusal = await hit(.connection, session: session) else { return nil }
+        if refusal.unavailable { return .rateLimiterUnavailable(configuration.hostname) }
+        logger.notice("connection rate limit", metadata: ["client": "\(session.clientAddress)"])
+        return .connectionRateExceeded(configuration.hostname)
+    }
+
+    public func commandReceived(session: SMTPSessionInfo) async -> SMTPReply? {
+        guard let refusal = await hit(.command, session: session) else { return nil }
+        if refusal.unavailable { return .rateLimiterUnavailable(configuration.hostname) }
+        logger.notice("command rate limit", metadata: ["client": "\(session.clientAddress)"])
+        return .commandRateExceeded(configuration.hostname)
+    }
+
     // MARK: AUTH
 
     public func authenticate(login: String, password: String, session: SMTPSessionInfo) async throws -> String? {
+        if let refusal = await peek(.authFailure, session: session) {
+            if refusal.unavailable { throw SMTPRefusal(.authTemporaryFailure) }
+            logger.notice("AUTH refused: too many failures", metadata: ["client": "\(session.clientAddress)"])
+            throw SMTPRefusal(.authRateExceeded)
+        }
         let user = try await accounts.authenticate(login: login, password: password)
         if user == nil {
             logger.info("AUTH failed", metadata: ["client": "\(session.clientAddress)"])
+            _ = await hit(.authFailure, session: session)
         }
         return user?.username
     }
@@ -85,6 +128,10 @@ public struct IngressService: SMTPServerDelegate {
     }
 
     public func checkRecipient(_ recipient: ForwardPath, envelope: Envelope, session: SMTPSessionInfo) async -> SMTPReply? {
+        // Refuse early, before the content is sent, when no message could be accepted anyway.
+        if envelope.recipients.isEmpty, let refusal = await peek(.message, session: session) {
+            return refusal.unavailable ? .rateLimiterUnavailableForMessage : .messageRateExceeded
+        }
         do {
             switch try await route(recipient, authenticated: envelope.authenticatedUser != nil) {
             case .local, .remote:
@@ -122,6 +169,12 @@ public struct IngressService: SMTPServerDelegate {
                 }
             }
             guard !recipients.isEmpty else { return .rejected(.noValidRecipients) }
+            // Counted here, atomically: of two sessions racing for the last message of the hour,
+            // one gets the refusal.
+            if let refusal = await hit(.message, session: session) {
+                logger.notice("message rate limit", metadata: ["client": "\(session.clientAddress)", "queue_id": "\(id)"])
+                return .rejected(refusal.unavailable ? .rateLimiterUnavailableForMessage : .messageRateExceeded)
+            }
 
             var blob = ByteBufferAllocator().buffer(capacity: content.readableBytes + 256)
             blob.writeString(receivedHeader(id: id, envelope: envelope, session: session, date: now))
@@ -162,6 +215,10 @@ public struct IngressService: SMTPServerDelegate {
         if envelope.authenticatedUser != nil { with += "A" }
         let helo = envelope.heloName.isEmpty ? "unknown" : envelope.heloName
         var header = "Received: from \(helo) ([\(session.clientAddress)])\r\n"
+        if envelope.tlsActive, let version = session.tlsVersion {
+            // RFC 5321 §4.4 leaves comments free; this is the form Postfix writes.
+            header += "\t(using \(version)\(session.tlsCipher.map { " with cipher \($0)" } ?? ""))\r\n"
+        }
         header += "\tby \(configuration.hostname) (MailTier) with \(with) id \(id)"
         if envelope.recipients.count == 1, let only = envelope.recipients.first {
             header += "\r\n\tfor <\(only)>"

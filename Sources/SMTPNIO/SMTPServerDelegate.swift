@@ -8,12 +8,17 @@ public struct SMTPSessionInfo: Sendable {
     public var clientPort: Int
     /// Negotiated TLS, e.g. "TLSv1.3", once STARTTLS completed.
     public var tlsVersion: String?
+    /// Negotiated cipher suite, e.g. "TLS_AES_256_GCM_SHA384", once STARTTLS completed.
+    public var tlsCipher: String?
     public var tlsActive: Bool
 
-    public init(clientAddress: String, clientPort: Int, tlsVersion: String? = nil, tlsActive: Bool = false) {
+    public init(
+        clientAddress: String, clientPort: Int, tlsVersion: String? = nil, tlsCipher: String? = nil, tlsActive: Bool = false
+    ) {
         self.clientAddress = clientAddress
         self.clientPort = clientPort
         self.tlsVersion = tlsVersion
+        self.tlsCipher = tlsCipher
         self.tlsActive = tlsActive
     }
 }
@@ -26,11 +31,26 @@ public enum SMTPDeliveryOutcome: Sendable {
     case rejected(SMTPReply)
 }
 
+/// Thrown by a delegate to answer with `reply` instead of the generic one (e.g. an AUTH lockout).
+public struct SMTPRefusal: Error, Sendable {
+    public var reply: SMTPReply
+
+    public init(_ reply: SMTPReply) {
+        self.reply = reply
+    }
+}
+
 /// What the SMTP server asks of the mail system. Implemented by the ingress service.
 /// Every method runs off the event loop; none may throw: a failure is a reply.
 public protocol SMTPServerDelegate: Sendable {
+    /// Asked before the greeting when `checksConnections`: nil greets; a reply (421) is sent and the
+    /// connection closed.
+    func connectionOpened(session: SMTPSessionInfo) async -> SMTPReply?
+    /// Asked before each command line when `checksCommands`: nil runs the command; a reply refuses it
+    /// (a 421 also closes the connection).
+    func commandReceived(session: SMTPSessionInfo) async -> SMTPReply?
     /// The account's canonical login when the credentials are right, nil when not.
-    /// Throws only for a temporary failure (the client gets 454 4.7.0).
+    /// Throws only for a temporary failure (the client gets 454 4.7.0, or the reply of an `SMTPRefusal`).
     func authenticate(login: String, password: String, session: SMTPSessionInfo) async throws -> String?
     /// nil accepts the recipient; otherwise the rejection.
     func checkRecipient(_ recipient: ForwardPath, envelope: Envelope, session: SMTPSessionInfo) async -> SMTPReply?
@@ -38,4 +58,9 @@ public protocol SMTPServerDelegate: Sendable {
     func deliver(_ envelope: Envelope, content: ByteBuffer, session: SMTPSessionInfo) async -> SMTPDeliveryOutcome
     func etrn(domain: String, session: SMTPSessionInfo) async -> SMTPReply
     func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply
+}
+
+extension SMTPServerDelegate {
+    public func connectionOpened(session: SMTPSessionInfo) async -> SMTPReply? { nil }
+    public func commandReceived(session: SMTPSessionInfo) async -> SMTPReply? { nil }
 }

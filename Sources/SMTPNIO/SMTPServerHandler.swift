@@ -27,12 +27,16 @@ final class SMTPServerHandler: ChannelDuplexHandler {
     private var needsFlush = false
     private var closed = false
     private var readPending = false
+    /// Waiting for the delegate's admission of the connection or of a command line: frame nothing.
+    private var awaitingCheck = false
+    private let configuration: SMTPServerConfiguration
 
     init(
         configuration: SMTPServerConfiguration, delegate: any SMTPServerDelegate, tlsContext: NIOSSLContext?,
         logger: Logger
     ) {
         self.machine = SMTPServerStateMachine(configuration: configuration)
+        self.configuration = configuration
         self.delegate = delegate
         self.tlsContext = tlsContext
         self.logger = logger
@@ -46,8 +50,22 @@ final class SMTPServerHandler: ChannelDuplexHandler {
         }
         logger[metadataKey: "client"] = "\(session.clientAddress):\(session.clientPort)"
         logger.debug("connection opened")
-        run(machine.connectionEstablished(), context: context)
-        flushIfNeeded(context: context)
+        if configuration.checksConnections {
+            awaitingCheck = true
+            let delegate = self.delegate
+            let session = self.session
+            perform(context: context) {
+                await delegate.connectionOpened(session: session)
+            } then: { handler, refusal in
+                handler.awaitingCheck = false
+                guard let refusal else { return handler.machine.connectionEstablished() }
+                handler.logger.info("connection refused", metadata: ["reply": "\(refusal.code) \(refusal.lines[0])"])
+                return .send([refusal], thenClose: true)
+            }
+        } else {
+            run(machine.connectionEstablished(), context: context)
+            flushIfNeeded(context: context)
+        }
         context.fireChannelActive()
     }
 
@@ -65,7 +83,7 @@ final class SMTPServerHandler: ChannelDuplexHandler {
 
     func read(context: ChannelHandlerContext) {
         // Back-pressure: no reads while an asynchronous action is outstanding.
-        if machine.framingMode == .paused {
+        if machine.framingMode == .paused || awaitingCheck {
             readPending = true
         } else {
             context.read()
@@ -96,9 +114,12 @@ final class SMTPServerHandler: ChannelDuplexHandler {
         guard !isProcessing else { return }
         isProcessing = true
         defer { isProcessing = false }
-        while !closed, let frame = framer.nextFrame(mode: machine.framingMode) {
+        while !closed, !awaitingCheck, let frame = framer.nextFrame(mode: machine.framingMode) {
             let action: SMTPServerStateMachine.Action
             switch frame {
+            case .line(let line) where configuration.checksCommands:
+                checkCommand(line, context: context)
+                continue
             case .line(let line): action = machine.lineReceived(line)
             case .lineTooLong: action = machine.lineTooLongReceived()
             case .bareLineFeed: action = machine.bareLineFeedReceived()
@@ -112,9 +133,24 @@ final class SMTPServerHandler: ChannelDuplexHandler {
             run(action, context: context)
         }
         flushIfNeeded(context: context)
-        if readPending && machine.framingMode != .paused && !closed {
+        if readPending && machine.framingMode != .paused && !awaitingCheck && !closed {
             readPending = false
             context.read()
+        }
+    }
+
+    /// Asks the delegate whether `line` may run; refused, it gets the delegate's reply instead.
+    private func checkCommand(_ line: ByteBuffer, context: ChannelHandlerContext) {
+        awaitingCheck = true
+        let delegate = self.delegate
+        let session = self.session
+        perform(context: context) {
+            await delegate.commandReceived(session: session)
+        } then: { handler, refusal in
+            handler.awaitingCheck = false
+            guard let refusal else { return handler.machine.lineReceived(line) }
+            handler.logger.info("command refused", metadata: ["reply": "\(refusal.code) \(refusal.lines[0])"])
+            return .send([refusal], thenClose: refusal.code == 421)
         }
     }
 
@@ -167,6 +203,9 @@ final class SMTPServerHandler: ChannelDuplexHandler {
                 case .success(let user):
                     if user == nil { handler.logger.info("authentication failed") }
                     return handler.machine.authenticationCompleted(user: user)
+                case .failure(let refusal as SMTPRefusal):
+                    handler.logger.info("authentication refused", metadata: ["reply": "\(refusal.reply.code) \(refusal.reply.lines[0])"])
+                    return handler.machine.authenticationFailedTemporarily(refusal.reply)
                 case .failure(let error):
                     handler.logger.error("authentication unavailable", metadata: ["error": "\(error)"])
                     return handler.machine.authenticationFailedTemporarily()

@@ -11,6 +11,20 @@ extension SMTPReply {
     public static func shuttingDown(_ hostname: String) -> SMTPReply { .init(421, .init(4, 3, 2), "\(hostname) Service shutting down") }
     public static let bye = SMTPReply(221, .init(2, 0, 0), "Bye")
 
+    // Per-client-address rate limits.
+    public static func connectionRateExceeded(_ hostname: String) -> SMTPReply {
+        .init(421, .init(4, 7, 0), "\(hostname) Too many connections from your address, try again later")
+    }
+    public static func commandRateExceeded(_ hostname: String) -> SMTPReply {
+        .init(421, .init(4, 7, 0), "\(hostname) Too many commands from your address, closing connection")
+    }
+    public static let messageRateExceeded = SMTPReply(450, .init(4, 7, 1), "Too many messages from your address, try again later")
+    public static let authRateExceeded = SMTPReply(454, .init(4, 7, 0), "Too many authentication failures, try again later")
+    public static func rateLimiterUnavailable(_ hostname: String) -> SMTPReply {
+        .init(421, .init(4, 3, 0), "\(hostname) Service temporarily unavailable, try again later")
+    }
+    public static let rateLimiterUnavailableForMessage = SMTPReply(451, .init(4, 3, 0), "Temporary local problem, try again later")
+
     // Generic.
     public static let ok = SMTPReply(250, .init(2, 0, 0), "Ok")
     public static let vrfy = SMTPReply(252, .init(2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery")

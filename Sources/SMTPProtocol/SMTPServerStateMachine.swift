@@ -13,11 +13,17 @@ public struct SMTPServerConfiguration: Sendable, Hashable {
     public var authRequired: Bool
     /// RFC 2852 min-by-time, advertised as `DELIVERBY <n>`.
     public var deliverByMinimum: Int
+    /// The server asks its delegate before greeting (`connectionOpened`) — for connection limits.
+    public var checksConnections: Bool
+    /// The server asks its delegate before each command line (`commandReceived`) — for command limits.
+    public var checksCommands: Bool
 
     public init(
         hostname: String, maxMessageSize: Int, maxRecipients: Int, tlsAvailable: Bool, authRequired: Bool,
-        deliverByMinimum: Int
+        deliverByMinimum: Int, checksConnections: Bool = false, checksCommands: Bool = false
     ) {
+        self.checksConnections = checksConnections
+        self.checksCommands = checksCommands
         self.hostname = hostname
         self.maxMessageSize = maxMessageSize
         self.maxRecipients = maxRecipients
@@ -257,10 +263,11 @@ public struct SMTPServerStateMachine: Sendable {
         return reply(.authSucceeded)
     }
 
-    public mutating func authenticationFailedTemporarily() -> Action {
+    /// AUTH could not be decided now (`reply` is a 454, e.g. a temporary failure or a lockout).
+    public mutating func authenticationFailedTemporarily(_ reply: SMTPReply = .authTemporaryFailure) -> Action {
         guard case .waiting(.authentication) = state else { preconditionFailure("unexpected authentication result") }
         state = .ready
-        return reply(.authTemporaryFailure)
+        return self.reply(reply)
     }
 
     /// nil accepts the recipient.

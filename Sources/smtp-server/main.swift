@@ -114,7 +114,8 @@ if configuration.role == .all || configuration.role == .ingress {
                 session: SMTPServerConfiguration(
                     hostname: configuration.hostname, maxMessageSize: configuration.maxMessageSize,
                     maxRecipients: configuration.maxRecipients, tlsAvailable: tlsContext != nil,
-                    authRequired: configuration.enableAuth, deliverByMinimum: configuration.deliverByMinSeconds)),
+                    authRequired: configuration.enableAuth, deliverByMinimum: configuration.deliverByMinSeconds,
+                    checksConnections: ingress.checksConnections, checksCommands: ingress.checksCommands)),
             delegate: ingress, tlsContext: tlsContext, logger: logger))
 }
 if configuration.role == .all || configuration.role == .delivery {

@@ -370,6 +370,11 @@ final class ServerHarness {
             "SMTP_ADMIN_PASSWORD": Self.adminPassword,
             "SMTP_QUEUE_POLL_SECONDS": "1",
             "SMTP_LOG_LEVEL": "info",
+            // Every test connects from 127.0.0.1: the per-address limits are off unless a test sets them.
+            "SMTP_RATE_CONNECTIONS_PER_MINUTE": "0",
+            "SMTP_RATE_COMMANDS_PER_MINUTE": "0",
+            "SMTP_RATE_AUTH_FAILURES_PER_HOUR": "0",
+            "SMTP_RATE_MESSAGES_PER_HOUR": "0",
         ]
         env.merge(defaults) { _, new in new }
         env.merge(overrides) { _, new in new }
