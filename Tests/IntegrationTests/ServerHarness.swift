@@ -283,6 +283,9 @@ enum Ports {
     /// Connects, reads the first complete reply line; when it is a `220 ` greeting,
     /// sends QUIT and waits for the server to close, so that the probe no longer
     /// counts as an open connection. Returns the first reply line, or nil.
+    ///
+    /// The probe connects from 127.0.0.2 so that it does not count against the per-address
+    /// limits of the tests, whose clients connect from 127.0.0.1.
     static func probeGreeting(port: Int) -> String? {
         #if canImport(Glibc)
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -294,6 +297,12 @@ enum Ports {
         var tv = timeval(tv_sec: 2, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var source = loopback(port: 0)
+        source.sin_addr.s_addr = inet_addr("127.0.0.2")
+        let bound = withUnsafePointer(to: &source) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard bound == 0 else { return nil }
         var addr = loopback(port: port)
         let connected = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
