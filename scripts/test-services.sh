@@ -8,7 +8,8 @@
 # .test-services/env holds the MAILTIER_TEST_* variables the tests read.
 set -euo pipefail
 
-root="$(cd "$(dirname "$0")/.." && pwd)/.test-services"
+# MAILTIER_SERVICES_DIR puts the state elsewhere (`make cluster` keeps its own under .cluster/).
+root="${MAILTIER_SERVICES_DIR:-$(cd "$(dirname "$0")/.." && pwd)/.test-services}"
 pg_port="${MAILTIER_TEST_PG_PORT:-55432}"
 s3_port="${MAILTIER_TEST_S3_PORT:-58333}"
 # SeaweedFS opens several ports of its own; keep them together, away from the defaults.

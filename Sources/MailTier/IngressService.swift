@@ -44,16 +44,25 @@ public struct IngressService: SMTPServerDelegate {
     public var checksConnections: Bool { configuration.rateLimits.rule(for: .connection) != nil }
     public var checksCommands: Bool { configuration.rateLimits.rule(for: .command) != nil }
 
+    /// The rule for `kind` applied to this session's client; nil when the limit is off or the
+    /// client is a trusted proxy itself (the load balancer's health checks are not limited).
+    private func rule(_ kind: RateLimitKind, for session: SMTPSessionInfo) -> RateRule? {
+        guard let rule = configuration.rateLimits.rule(for: kind),
+            !configuration.trustedProxies.containsAddress(session.clientAddress)
+        else { return nil }
+        return rule
+    }
+
     /// Counts an event of `kind` for the client; nil when within the limit (or the limit is off).
     func hit(_ kind: RateLimitKind, session: SMTPSessionInfo) async -> RateDecision? {
-        guard let rule = configuration.rateLimits.rule(for: kind) else { return nil }
+        guard let rule = rule(kind, for: session) else { return nil }
         let decision = await limiter.hit(kind, key: session.clientAddress, rule: rule, now: Date())
         return decision.allowed ? nil : decision
     }
 
     /// Whether one more event of `kind` would be over the limit, without counting it.
     func peek(_ kind: RateLimitKind, session: SMTPSessionInfo) async -> RateDecision? {
-        guard let rule = configuration.rateLimits.rule(for: kind) else { return nil }
+        guard let rule = rule(kind, for: session) else { return nil }
         let decision = await limiter.peek(kind, key: session.clientAddress, rule: rule, now: Date())
         return decision.allowed ? nil : decision
     }
