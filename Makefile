@@ -4,7 +4,7 @@ SHELL := /bin/bash
 # Where `make run` keeps its state (embedded mode: SQLite, spool, maildirs, a self-signed certificate).
 DATA ?= $(CURDIR)/data
 
-.PHONY: run test deps build release clean services-start services-stop
+.PHONY: run test deps build release clean services-start services-stop cluster cluster-stop cluster-status
 
 deps:
 	@scripts/install-deps.sh
@@ -46,6 +46,16 @@ services-start:
 services-stop:
 	scripts/test-services.sh stop
 
+## A cluster on one machine: PostgreSQL, Redis, SeaweedFS, haproxy (send-proxy-v2) in front of
+## two ingress nodes, and a delivery node, all on 127.0.0.1 (state and logs in .cluster/).
+cluster: build
+	scripts/cluster.sh start
+cluster-stop:
+	scripts/cluster.sh stop
+cluster-status:
+	scripts/cluster.sh status
+
 clean:
+	-scripts/cluster.sh stop
 	-scripts/test-services.sh stop
-	rm -rf .build $(DATA) .test-services
+	rm -rf .build $(DATA) .test-services .cluster

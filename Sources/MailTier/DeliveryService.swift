@@ -68,6 +68,7 @@ public final class DeliveryService: Service, Sendable {
 
     public func run() async throws {
         if settings.exclusive { try await queue.releaseAllLeases() }
+        logger.info("delivery started", metadata: ["poll_seconds": "\(settings.pollInterval.components.seconds)"])
         await collectOrphanBlobs()
         var lastCollection = ContinuousClock.now
         await withGracefulShutdownHandler {

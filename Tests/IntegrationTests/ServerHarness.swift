@@ -401,8 +401,9 @@ final class ServerHarness {
         return path
     }
 
-    /// Starts the server and waits (up to `timeout`) for a `220 ` greeting on the SMTP port.
-    func start(timeout: Duration = .seconds(30)) async throws {
+    /// Starts the server and waits (up to `timeout`) for a `220 ` greeting on the SMTP port —
+    /// or, with `readyLine`, for that text in its log (a role without an SMTP listener).
+    func start(timeout: Duration = .seconds(30), readyLine: String? = nil) async throws {
         precondition(child == nil, "server already running")
         if !holdsSlot {
             await ServerSlots.shared.acquire()
@@ -417,6 +418,7 @@ final class ServerHarness {
         var lastAnswer: String?
         let ready = await poll(timeout: timeout, interval: .milliseconds(100)) {
             if !run.isRunning { return true }
+            if let readyLine { return run.stdout.contains(readyLine) }
             lastAnswer = await onBackgroundThread { Ports.probeGreeting(port: port) }
             return lastAnswer?.hasPrefix("220 ") == true
         }

@@ -6,6 +6,7 @@ usage:
   storage_probe.py s3 create BUCKET               creates the bucket
   storage_probe.py s3 get BUCKET KEY              {"found": bool, "b64": str|null}
   storage_probe.py s3 list BUCKET PREFIX          JSON list of keys
+  storage_probe.py s3 sha256 BUCKET PREFIX        {key: hex SHA-256 of the object} for every key
   storage_probe.py s3 destroy BUCKET              deletes every object, then the bucket
   storage_probe.py decrypt KEY_B64 FILE           {"b64": plaintext} (AES-256-GCM, MTENC v1)
   storage_probe.py rcpt PORT ADDR                 EHLO, MAIL, RCPT ADDR, RSET, QUIT;
@@ -103,6 +104,12 @@ def cmd_s3(args):
         emit({"found": True, "b64": base64.b64encode(body).decode("ascii")})
     elif op == "list" and len(rest) == 2:
         emit(list_keys(s3, rest[0], rest[1]))
+    elif op == "sha256" and len(rest) == 2:
+        import hashlib
+        digests = {}
+        for key in list_keys(s3, rest[0], rest[1]):
+            digests[key] = hashlib.sha256(s3.get_object(Bucket=rest[0], Key=key)["Body"].read()).hexdigest()
+        emit(digests)
     elif op == "destroy" and len(rest) == 1:
         bucket = rest[0]
         try:
