@@ -164,6 +164,24 @@ struct ClusterTests {
         _ = try? await runProcess(script, ["stop", postgres], timeout: .seconds(60))
         await cluster.cleanup()
     }
+
+    @Test("S3 spool unreachable: 451 4.3.0 at the end of data within the client's patience, no queue row, the node keeps running")
+    func spoolUnreachable() async throws {
+        let closedPort = try Ports.free()
+        try await withServer([
+            "SMTP_ENABLE_AUTH": "false", "SMTP_S3_BUCKET": "unreachable", "SMTP_S3_ENDPOINT": "http://127.0.0.1:\(closedPort)",
+            "SMTP_S3_ACCESS_KEY": "AK", "SMTP_S3_SECRET_KEY": "SK",
+        ]) { h in
+            try await h.createUser("alice", Self.alice, alicePassword)
+            let started = Date()
+            let r = try await smtplibSend(h, from: "bob@example.org", to: [Self.alice], body: Array("Subject: s3 down\r\n\r\nbody\r\n".utf8))
+            expectReply(r, "data", ["451 4.3.0 Error: queue file write error, try again later"])
+            #expect(Date().timeIntervalSince(started) < 60)
+            let rows = try await sqliteRows(h, "SELECT id FROM queue_messages", [])
+            #expect(rows.isEmpty)
+            #expect(h.isRunning)
+        }
+    }
 }
 
 // MARK: - The cluster
