@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
     ],
     targets: [
         // C libraries, through the system's -dev packages.
@@ -75,7 +76,11 @@ let package = Package(
             "MailTier", "CHiredis",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         .target(name: "MailTierArgon2", dependencies: [
             "MailTier", "CArgon2",
@@ -108,7 +113,15 @@ let package = Package(
         ]),
         .testTarget(name: "MailTierS3Tests", dependencies: ["MailTierS3", "MailTier"]),
         .testTarget(name: "MailTierPostgresTests", dependencies: ["MailTierPostgres", "MailTier"]),
-        .testTarget(name: "MailTierRedisTests", dependencies: ["MailTierRedis", "MailTier"]),
+        .testTarget(name: "MailTierRedisTests", dependencies: [
+            "MailTierRedis", "MailTier",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "MetricsTestKit", package: "swift-metrics"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "InMemoryLogging", package: "swift-log"),
+        ]),
         .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],
     swiftLanguageModes: [.v6]

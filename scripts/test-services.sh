@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts or stops the real services the tests talk to, on 127.0.0.1 only, with their state
-# under .test-services/ (PostgreSQL 15 and SeaweedFS's S3 server with signature checking on).
+# under .test-services/ (PostgreSQL 15, SeaweedFS's S3 server with signature checking on, and
+# Redis without persistence).
 #
 #   scripts/test-services.sh start   # prints nothing but errors; writes .test-services/env
 #   scripts/test-services.sh stop
@@ -12,6 +13,7 @@ set -euo pipefail
 root="${MAILTIER_SERVICES_DIR:-$(cd "$(dirname "$0")/.." && pwd)/.test-services}"
 pg_port="${MAILTIER_TEST_PG_PORT:-55432}"
 s3_port="${MAILTIER_TEST_S3_PORT:-58333}"
+redis_port="${MAILTIER_TEST_REDIS_PORT:-56379}"
 # SeaweedFS opens several ports of its own; keep them together, away from the defaults.
 s3_base="${MAILTIER_TEST_S3_BASE_PORT:-58400}"
 pg_bin=/usr/lib/postgresql/15/bin
@@ -90,13 +92,40 @@ JSON
     exit 1
 }
 
+# SIGTERM the process of a pid file, SIGKILL it after 10 s, remove the file.
+stop_pidfile() {
+    local pidfile="$1"
+    [ -f "$pidfile" ] || return 0
+    local pid
+    pid="$(cat "$pidfile")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+}
+
 stop_seaweedfs() {
-    local dir="$root/seaweedfs"
-    [ -f "$dir/weed.pid" ] || return 0
-    kill "$(cat "$dir/weed.pid")" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null || break; sleep 0.25; done
-    kill -9 "$(cat "$dir/weed.pid")" 2>/dev/null || true
-    rm -f "$dir/weed.pid"
+    stop_pidfile "$root/seaweedfs/weed.pid"
+}
+
+start_redis() {
+    local dir="$root/redis"
+    mkdir -p "$dir"
+    if [ -f "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then return 0; fi
+    redis-server --bind 127.0.0.1 --port "$redis_port" --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" \
+        --logfile "$dir/redis.log" --save '' --appendonly no \
+        || { cat "$dir/redis.log" >&2 2>/dev/null; exit 1; }
+    for _ in $(seq 1 60); do
+        [ "$(redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null)" = "PONG" ] && return 0
+        sleep 0.25
+    done
+    echo "test-services: Redis did not start" >&2
+    tail -20 "$dir/redis.log" >&2
+    exit 1
+}
+
+stop_redis() {
+    stop_pidfile "$root/redis/redis.pid"
 }
 
 case "${1:-}" in
@@ -104,15 +133,18 @@ start)
     mkdir -p "$root"
     start_postgres
     start_seaweedfs
+    start_redis
     cat >"$root/env" <<ENV
 export MAILTIER_TEST_POSTGRES_URL=postgres://postgres:$pg_password@127.0.0.1:$pg_port/mailtier_test
 export MAILTIER_TEST_S3_ENDPOINT=http://127.0.0.1:$s3_port
 export MAILTIER_TEST_S3_REGION=us-east-1
 export MAILTIER_TEST_S3_ACCESS_KEY=$s3_access
 export MAILTIER_TEST_S3_SECRET_KEY=$s3_secret
+export MAILTIER_TEST_REDIS_URL=redis://127.0.0.1:$redis_port
 ENV
     ;;
 stop)
+    stop_redis
     stop_seaweedfs
     stop_postgres
     ;;
