@@ -31,7 +31,7 @@ run: build
 	SMTP_LOCAL_DOMAINS=$${SMTP_LOCAL_DOMAINS:-example.com} \
 	.build/debug/smtp-server
 
-## Installs what the tests need, builds, starts the real services on 127.0.0.1 (PostgreSQL,
+## Installs what the tests need, builds, starts the real services on 127.0.0.1 (PostgreSQL, Redis,
 ## SeaweedFS S3), runs every test against them, and stops them.
 test: deps
 	swift build --build-tests
