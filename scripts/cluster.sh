@@ -125,7 +125,7 @@ start_haproxy() {
     nohup haproxy -db -f "$dir/haproxy.cfg" >>"$dir/logs/haproxy.log" 2>&1 &
     echo $! >"$pidfile"
     for _ in $(seq 1 50); do
-        if exec 3<>"/dev/tcp/127.0.0.1/$smtp_port" 2>/dev/null; then
+        if { exec 3<>"/dev/tcp/127.0.0.1/$smtp_port"; } 2>/dev/null; then
             local banner=""
             read -r -t 5 banner <&3 || true
             printf 'QUIT\r\n' >&3 || true
