@@ -16,17 +16,24 @@ public final class SMTPServer: Service, Sendable {
         public var maxConnections: Int
         public var idleTimeout: TimeAmount
         public var shutdownGrace: TimeAmount
+        /// Proxies whose connections must open with a PROXY header (v1 or v2): the session's client
+        /// is the header's source. A PROXY header from any other address closes the connection.
+        public var trustedProxies: [CIDR]
+        /// How long a trusted proxy's connection may take to send its header before it is closed.
+        public var proxyHeaderTimeout: TimeAmount
         public var session: SMTPServerConfiguration
 
         public init(
             host: String, port: Int, maxConnections: Int, idleTimeout: TimeAmount, shutdownGrace: TimeAmount,
-            session: SMTPServerConfiguration
+            trustedProxies: [CIDR] = [], proxyHeaderTimeout: TimeAmount = .seconds(5), session: SMTPServerConfiguration
         ) {
             self.host = host
             self.port = port
             self.maxConnections = maxConnections
             self.idleTimeout = idleTimeout
             self.shutdownGrace = shutdownGrace
+            self.trustedProxies = trustedProxies
+            self.proxyHeaderTimeout = proxyHeaderTimeout
             self.session = session
         }
     }
@@ -107,10 +114,32 @@ public final class SMTPServer: Service, Sendable {
         channel.closeFuture.whenComplete { [connections] _ in
             _ = connections.withLockedValue { $0.removeValue(forKey: id) }
         }
-        try channel.pipeline.syncOperations.addHandlers(
+        guard let peer = channel.remoteAddress?.ipAddress else {
+            // The peer was gone before it was accepted (getpeername failed: a proxy's health check
+            // that connected and reset at once). Nothing to trust, greet or log above debug.
+            logger.debug("connection closed before it was accepted")
+            try channel.pipeline.syncOperations.addHandler(CloseOnActiveHandler())
+            return
+        }
+        if configuration.trustedProxies.containsAddress(peer) {
+            // A trusted proxy: nothing is said until its PROXY header names the client.
+            try channel.pipeline.syncOperations.addHandler(
+                ProxyHeaderHandler(timeLimit: configuration.proxyHeaderTimeout, logger: logger) { [self] header in
+                    sessionHandlers(proxyHeader: header)
+                })
+        } else {
+            try channel.pipeline.syncOperations.addHandlers(sessionHandlers(proxyHeader: nil))
+        }
+    }
+
+    /// The handlers of one SMTP session: the idle timeout, then the session itself.
+    private func sessionHandlers(proxyHeader: ProxyHeader?) -> [any ChannelHandler] {
+        [
             IdleStateHandler(readTimeout: configuration.idleTimeout),
-            SMTPServerHandler(configuration: configuration.session, delegate: delegate, tlsContext: tlsContext, logger: logger)
-        )
+            SMTPServerHandler(
+                configuration: configuration.session, delegate: delegate, tlsContext: tlsContext, logger: logger,
+                proxyHeader: proxyHeader),
+        ]
     }
 }
 
@@ -130,4 +159,21 @@ final class RefuseConnectionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
+
+/// Closes a connection as soon as it is active, saying nothing.
+final class CloseOnActiveHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { context.close(promise: nil) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {}
 }

@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOSSL
+import NIOTLS
 import SMTPProtocol
 
 /// Sent through a connection's pipeline when the server shuts down gracefully.
@@ -30,26 +31,60 @@ final class SMTPServerHandler: ChannelDuplexHandler {
     /// Waiting for the delegate's admission of the connection or of a command line: frame nothing.
     private var awaitingCheck = false
     private let configuration: SMTPServerConfiguration
+    /// The PROXY header a trusted proxy sent before this session, if any.
+    private let proxyHeader: ProxyHeader?
+    /// The session started (greeting or admission check): once, from `handlerAdded` or `channelActive`.
+    private var started = false
+    /// The first octets of the stream, until they show whether they begin a PROXY header
+    /// (`ProxyHeader.detect`): a header here, where none is trusted, closes the connection.
+    private var screening: ByteBuffer? = ByteBuffer()
+    /// Reads the cipher suite off the ServerHello while a STARTTLS handshake runs.
+    private var cipherSniffer: TLSServerHelloSniffer?
 
+    /// `proxyHeader`: the header a trusted proxy opened the connection with; its source, when it
+    /// names one, is the session's client instead of the socket's peer. Without one (v2 LOCAL, the
+    /// proxy's own health check; v1 UNKNOWN; v2 AF_UNSPEC) the session's client is the proxy itself.
     init(
         configuration: SMTPServerConfiguration, delegate: any SMTPServerDelegate, tlsContext: NIOSSLContext?,
-        logger: Logger
+        logger: Logger, proxyHeader: ProxyHeader? = nil
     ) {
         self.machine = SMTPServerStateMachine(configuration: configuration)
         self.configuration = configuration
         self.delegate = delegate
         self.tlsContext = tlsContext
         self.logger = logger
+        self.proxyHeader = proxyHeader
         self.session = SMTPSessionInfo(clientAddress: "unknown", clientPort: 0)
     }
 
+    /// Added behind a `ProxyHeaderHandler` once the header arrived, the channel is already active
+    /// and `channelActive` will not come: the session starts here.
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { startSession(context: context) }
+    }
+
     func channelActive(context: ChannelHandlerContext) {
+        startSession(context: context)
+        context.fireChannelActive()
+    }
+
+    /// Names the client, then greets — or first asks the delegate to admit the connection.
+    private func startSession(context: ChannelHandlerContext) {
+        guard !started else { return }
+        started = true
         if let remote = context.channel.remoteAddress {
             session.clientAddress = remote.ipAddress ?? "unknown"
             session.clientPort = remote.port ?? 0
         }
+        if let proxyHeader {
+            logger[metadataKey: "proxy"] = "\(session.clientAddress):\(session.clientPort)"
+            if let source = proxyHeader.source {
+                session.clientAddress = source.address
+                session.clientPort = source.port
+            }
+        }
         logger[metadataKey: "client"] = "\(session.clientAddress):\(session.clientPort)"
-        logger.debug("connection opened")
+        logger.debug("connection opened", metadata: proxyHeader.map { ["proxy_header": "\($0.version)\($0.isLocal ? " LOCAL" : "")"] })
         if configuration.checksConnections {
             awaitingCheck = true
             let delegate = self.delegate
@@ -66,7 +101,6 @@ final class SMTPServerHandler: ChannelDuplexHandler {
             run(machine.connectionEstablished(), context: context)
             flushIfNeeded(context: context)
         }
-        context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -77,7 +111,25 @@ final class SMTPServerHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closed else { return }
-        framer.append(unwrapInboundIn(data))
+        var bytes = unwrapInboundIn(data)
+        if var screened = screening {
+            screened.writeBuffer(&bytes)
+            switch ProxyHeader.detect(screened) {
+            case .undecided:
+                screening = screened
+                return
+            case .header:
+                // DESIGN.md: PROXY headers only from trusted CIDRs. No reply: it is not SMTP.
+                logger.warning("PROXY header from an untrusted address, closing")
+                screening = nil
+                run(.closeSilently, context: context)
+                return
+            case .notHeader:
+                screening = nil
+                bytes = screened
+            }
+        }
+        framer.append(bytes)
         processInput(context: context)
     }
 
@@ -97,6 +149,9 @@ final class SMTPServerHandler: ChannelDuplexHandler {
         } else if event is SMTPServerShutdownEvent {
             run(machine.shutdownWasRequested(), context: context)
             flushIfNeeded(context: context)
+        } else if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
+            tlsHandshakeCompleted(context: context)
+            context.fireUserInboundEventTriggered(event)
         } else {
             context.fireUserInboundEventTriggered(event)
         }
@@ -284,13 +339,41 @@ final class SMTPServerHandler: ChannelDuplexHandler {
         reply.write(into: &buffer)
         context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
         do {
+            let sniffer = TLSServerHelloSniffer()
             try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tlsContext), position: .first)
+            try context.pipeline.syncOperations.addHandler(sniffer, position: .first)
+            cipherSniffer = sniffer
             machine.tlsEstablished()
             session.tlsActive = true
         } catch {
             logger.error("cannot start TLS", metadata: ["error": "\(error)"])
             closed = true
             context.close(promise: nil)
+        }
+    }
+}
+
+extension SMTPServerHandler {
+    /// The handshake after STARTTLS finished: the session (and so every later delegate call, and
+    /// the Received field) names the TLS version and cipher suite.
+    private func tlsHandshakeCompleted(context: ChannelHandlerContext) {
+        let version = try? context.pipeline.syncOperations.nioSSL_tlsVersion()
+        session.tlsVersion = version.map(Self.name(of:))
+        if let sniffer = cipherSniffer {
+            session.tlsCipher = sniffer.cipherSuite.flatMap(TLSServerHello.name(ofCipherSuite:))
+            cipherSniffer = nil
+            context.pipeline.syncOperations.removeHandler(sniffer, promise: nil)
+        }
+        logger.debug("TLS established", metadata: ["version": "\(session.tlsVersion ?? "?")", "cipher": "\(session.tlsCipher ?? "?")"])
+    }
+
+    /// The names OpenSSL and Postfix use in Received fields: "TLSv1.2", "TLSv1.3".
+    static func name(of version: TLSVersion) -> String {
+        switch version {
+        case .tlsv1: "TLSv1"
+        case .tlsv11: "TLSv1.1"
+        case .tlsv12: "TLSv1.2"
+        case .tlsv13: "TLSv1.3"
         }
     }
 }

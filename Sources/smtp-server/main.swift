@@ -111,6 +111,7 @@ if configuration.role == .all || configuration.role == .ingress {
                 host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
                 idleTimeout: .seconds(Int64(configuration.timeoutSeconds)),
                 shutdownGrace: .seconds(Int64(configuration.shutdownGraceSeconds)),
+                trustedProxies: configuration.trustedProxies,
                 session: SMTPServerConfiguration(
                     hostname: configuration.hostname, maxMessageSize: configuration.maxMessageSize,
                     maxRecipients: configuration.maxRecipients, tlsAvailable: tlsContext != nil,

@@ -244,6 +244,11 @@ struct SMTPServerTests {
             expectStoredMessage(
                 rawStored.bytes, sender: "alice@example.test", helo: "client.test", queueID: rawID,
                 recipient: "alice@example.test", body: crlf("Subject: raw TLS", "", "over TLS"))
+            // The TLS version and the suite the server chose (Python's client offers TLS 1.3's three).
+            let received = receivedField(rawStored.bytes)
+            let suites = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
+            #expect(suites.contains { received.contains("\t(using TLSv1.3 with cipher \($0))\t") }, "\(received)")
+            #expect(received.contains("with ESMTPSA id \(rawID)"), "\(received)")
 
             // smtplib: STARTTLS verified against the certificate, AUTH PLAIN, one message.
             let body = crlf("From: alice@example.test", "To: alice@example.test", "Subject: over TLS", "", ".dot first", "body")
