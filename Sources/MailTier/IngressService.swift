@@ -223,7 +223,9 @@ public struct IngressService: SMTPServerDelegate {
         if envelope.tlsActive { with += "S" }
         if envelope.authenticatedUser != nil { with += "A" }
         let helo = envelope.heloName.isEmpty ? "unknown" : envelope.heloName
-        var header = "Received: from \(helo) ([\(session.clientAddress)])\r\n"
+        // RFC 5321 §4.1.3 address literals: [192.0.2.7], [IPv6:2001:db8::7].
+        let literal = session.clientAddress.contains(":") ? "IPv6:\(session.clientAddress)" : session.clientAddress
+        var header = "Received: from \(helo) ([\(literal)])\r\n"
         if envelope.tlsActive, let version = session.tlsVersion {
             // RFC 5321 §4.4 leaves comments free; this is the form Postfix writes.
             header += "\t(using \(version)\(session.tlsCipher.map { " with cipher \($0)" } ?? ""))\r\n"

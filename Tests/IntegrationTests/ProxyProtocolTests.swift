@@ -72,7 +72,7 @@ struct ProxyProtocolTests {
             let t = try await s.run(h)
             let ids = t.queueIDs
             #expect(ids.count == 2)
-            for (id, source) in zip(ids, ["203.0.113.7", "2001:db8::7"]) {
+            for (id, source) in zip(ids, ["203.0.113.7", "IPv6:2001:db8::7"]) {
                 let stored = try await h.waitForStoredMessage(for: "alice@example.test", containing: id)
                 let received = receivedField(stored.bytes)
                 #expect(received.hasPrefix("Received: from client.test ([\(source)])"), "\(received)")
@@ -234,9 +234,11 @@ struct ProxyProtocolTests {
                 #expect(received.hasPrefix("Received: from client.test ([127.0.0.1])"), "\(received)")
                 #expect(received.contains("(using TLSv1.3 with cipher TLS_"), "\(received)")
                 // A few more check intervals, then: the checks reached the server, quietly.
-                try await Task.sleep(for: .milliseconds(1200))
+                let checked = await poll(timeout: .seconds(15), interval: .milliseconds(200)) {
+                    h.log.components(separatedBy: "proxy_header=v2 LOCAL").count - 1 >= 3
+                }
                 let log = h.log
-                #expect(log.components(separatedBy: "proxy_header=v2 LOCAL").count - 1 >= 3, "too few health checks seen")
+                #expect(checked, "too few health checks seen")
                 #expect(loudLogLines(log).isEmpty, "\(loudLogLines(log))")
                 #expect(haproxy.isRunning, "haproxy exited:\n\(haproxy.stderr)")
             } catch {
