@@ -9,6 +9,13 @@ set -euo pipefail
 pg_bin=/usr/lib/postgresql/15/bin
 as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
+# The server must not inherit the caller's other descriptors: a parent that watches one of
+# them (Foundation's Process does) would wait for PostgreSQL to exit.
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true
+done
+
 command=${1:?usage: private_postgres.sh start|crash|stop DIR [PORT]}
 dir=${2:?missing DIR}
 case "$command" in
