@@ -106,8 +106,8 @@ public struct Configuration: Sendable, Equatable {
 
     /// The defaults of every variable.
     // Storage backends (issue 3).
-    /// `postgres://user:password@host:port/database`: PostgreSQL for the database mailbox store
-    /// (and, in cluster mode, everything else); SQLite at `dbPath` when unset.
+    /// `postgres://user:password@host:port/database`: PostgreSQL for users, the queue, events and
+    /// the database mailbox store (cluster mode; no SQLite file is used); SQLite at `dbPath` when unset.
     public var databaseURL: String? = nil
     /// `http(s)://host[:port]` of an S3-compatible server (path-style addressing); AWS when unset.
     public var s3Endpoint: String? = nil
@@ -211,7 +211,7 @@ extension Configuration {
         Variable(name: "SMTP_MAX_ATTEMPTS", defaultValue: "5", summary: "Delivery attempts before a bounce (1-100)"),
         Variable(
             name: "SMTP_DATABASE_URL", defaultValue: "-",
-            summary: "postgres://user:password@host:port/db; the database store uses PostgreSQL when set"),
+            summary: "postgres://user:password@host:port/db; users, queue, events and the database store in PostgreSQL (no SQLite file)"),
         Variable(name: "SMTP_S3_ENDPOINT", defaultValue: "-", summary: "S3-compatible server URL (path-style); AWS when unset"),
         Variable(name: "SMTP_S3_BUCKET", defaultValue: "-", summary: "S3 bucket (needed by SMTP_STORAGE_TYPE=s3)"),
         Variable(name: "SMTP_S3_REGION", defaultValue: "us-east-1", summary: "S3 region"),
@@ -253,9 +253,11 @@ extension Configuration {
             text + String(repeating: " ", count: max(0, width - text.count))
         }
         var lines = [
-            "Usage: smtp-server [--help]",
+            "Usage: smtp-server [migrate | --help]",
             "",
             "MailTier SMTP server. Configured through environment variables; an empty value means unset.",
+            "`smtp-server migrate` applies the pending database migrations (PostgreSQL when SMTP_DATABASE_URL",
+            "is set, else SQLite at SMTP_DB_PATH), prints one line saying what it did, and exits (1 on failure).",
             "Booleans accept true/false, 1/0, yes/no, on/off. A bad value stops the server (exit code 2).",
             "",
         ]

@@ -123,3 +123,39 @@ public protocol MessageQueue: Sendable {
     /// Every blob key a message row refers to (for garbage collection of orphan blobs).
     func referencedBlobKeys() async throws -> Set<String>
 }
+
+// MARK: - What the queue adapters share
+
+/// The `status` of a `queue_recipients` row.
+public enum RecipientStatus: String, Sendable, CaseIterable {
+    /// Not attempted yet.
+    case pending
+    /// Attempted, due again at `next_retry`.
+    case retry
+    /// Given up (attempts exhausted, or a permanent error).
+    case failed
+    case delivered
+}
+
+extension DeliveryOutcome {
+    /// What the outcome writes to its recipient row, in every queue adapter: the new status,
+    /// `last_error` (nil clears it), and `next_retry` (nil leaves it as it was). Recording also
+    /// counts the attempt and drops the lease.
+    public var recipientUpdate: (status: RecipientStatus, lastError: String?, nextRetry: Date?) {
+        switch self {
+        case .delivered: return (.delivered, nil, nil)
+        case .retry(let error, let at): return (.retry, error, at)
+        case .failed(let error): return (.failed, error, nil)
+        }
+    }
+}
+
+extension Date {
+    /// Whole Unix seconds, rounded down: how both database schemas store times in the users
+    /// and queue tables.
+    public var unixSeconds: Int64 { Int64(timeIntervalSince1970.rounded(.down)) }
+
+    public init(unixSeconds: Int64) {
+        self.init(timeIntervalSince1970: TimeInterval(unixSeconds))
+    }
+}

@@ -1,6 +1,6 @@
 // MailTierBootstrap — which adapters a configuration selects, shared by `smtp-server` and
-// `user-cli` so that both see the same mailboxes. Imports every adapter; nothing imports it
-// but the executables.
+// `user-cli` so that both see the same accounts, queue and mailboxes. Imports every adapter;
+// nothing imports it but the executables.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,28 +12,43 @@ import MailTierS3
 import MailTierSQLite
 import NIOPosix
 
-/// The storage a configuration selects: the spool, the mailbox store, and the clients they use.
+/// What a configuration selects: the database (users, queue, `messages`), the spool, the
+/// mailbox store, and the clients they use.
 public struct Storage: Sendable {
     /// A configuration that cannot be put to work; names the variable like `ConfigurationError`.
     public struct Failure: Error, CustomStringConvertible {
         public var variable: String
         public var message: String
+        /// 2 for a bad value (as configuration errors), 1 for a resource that failed.
+        public var exitCode: Int32
         public var description: String { "\(variable): \(message)" }
+
+        public init(variable: String, message: String, exitCode: Int32 = 2) {
+            self.variable = variable
+            self.message = message
+            self.exitCode = exitCode
+        }
     }
 
+    public let database: Database
     public let spool: any BlobStore
     public let mailboxes: any MailboxStore
-    /// Runs for as long as the storage is used (`run()`), migrated first (`prepare()`).
-    public let postgres: PostgresDatabase?
     public let s3: S3Client?
+    private let logger: Logger
 
-    public init(configuration: Configuration, database: SQLiteDatabase, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
-        do {
-            postgres = try configuration.databaseURL.map { try PostgresDatabase(url: $0, logger: logger) }
-        } catch {
-            throw Failure(variable: "SMTP_DATABASE_URL", message: "\(error)")
-        }
+    public var users: any UserStore { database.users }
+    public var queue: any MessageQueue { database.queue }
 
+    /// Opens the configured database (`Database.open`), then builds the rest.
+    public init(configuration: Configuration, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
+        try self.init(
+            configuration: configuration, database: Database.open(configuration, threadPool: threadPool, logger: logger),
+            threadPool: threadPool, logger: logger)
+    }
+
+    public init(configuration: Configuration, database: Database, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
+        self.database = database
+        self.logger = logger
         if let bucket = configuration.s3Bucket, let accessKey = configuration.s3AccessKey, let secretKey = configuration.s3SecretKey {
             s3 = S3Client(
                 configuration: S3Configuration(
@@ -54,15 +69,14 @@ public struct Storage: Sendable {
             }
         }
 
-        // The `messages` table indexes the stores that keep content elsewhere.
-        let index: any MailboxIndex = postgres.map { PostgresMailboxStore(database: $0) } ?? SQLiteMailboxStore(database: database)
+        // The `messages` table is the database store, and indexes the stores that keep content elsewhere.
         switch configuration.storageType {
         case .maildir:
             mailboxes = MaildirStore(root: configuration.storagePath, hostname: Self.machineName ?? configuration.hostname, threadPool: threadPool)
         case .mbox:
             mailboxes = MboxStore(root: configuration.storagePath, threadPool: threadPool)
         case .database:
-            mailboxes = postgres.map { PostgresMailboxStore(database: $0) } ?? SQLiteMailboxStore(database: database)
+            mailboxes = database.messages
         case .timeseries:
             var key: SealingKey?
             if let text = configuration.encryptionKey {
@@ -73,10 +87,11 @@ public struct Storage: Sendable {
                 }
             }
             mailboxes = IndexedMailboxStore(
-                index: index, content: TimeSeriesContentStore(root: configuration.storagePath, encryptionKey: key, threadPool: threadPool))
+                index: database.messages,
+                content: TimeSeriesContentStore(root: configuration.storagePath, encryptionKey: key, threadPool: threadPool))
         case .s3:
             guard let s3 else { throw Failure(variable: "SMTP_S3_BUCKET", message: "required when SMTP_STORAGE_TYPE is s3") }
-            mailboxes = IndexedMailboxStore(index: index, content: S3MessageContentStore(client: s3))
+            mailboxes = IndexedMailboxStore(index: database.messages, content: S3MessageContentStore(client: s3))
         }
     }
 
@@ -88,28 +103,198 @@ public struct Storage: Sendable {
         return name.isEmpty ? nil : name
     }
 
-    /// Runs `body` with the storage's clients running (PostgreSQL migrated first), then stops them.
-    public func withRunning<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
-        defer {
-            if let s3 { Task { try? await s3.shutdown() } }
+    /// Runs `body` with the database running (`Database.withRunning`), then shuts the S3 client down.
+    public func withRunning<T: Sendable>(migration: Migration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        try await database.withRunning(migration: migration, logger: logger) { try await closingClients(body) }
+    }
+
+    /// Runs `body`, then shuts the S3 client down (for a caller that runs the database itself).
+    public func closingClients<T: Sendable>(_ body: () async throws -> T) async throws -> T {
+        let result: Result<T, any Error>
+        do {
+            result = .success(try await body())
+        } catch {
+            result = .failure(error)
         }
-        guard let postgres else { return try await body() }
-        return try await withThrowingTaskGroup(of: T?.self) { tasks in
-            tasks.addTask {
-                await postgres.run()
-                return nil
+        try? await s3?.shutdown()
+        return try result.get()
+    }
+}
+
+// MARK: - The database
+
+extension Storage {
+    /// When the schema is brought to this build's version.
+    public enum Migration: Sendable {
+        /// Not here: the caller calls `Database.migrate()` (`smtp-server migrate`).
+        case byCaller
+        /// Before `body`; a database that cannot be reached or migrated fails the call (user-cli).
+        case first
+        /// `body` starts at once (the SMTP listener opens); the migration runs beside it and is
+        /// retried, with a log line each time, until it succeeds; then `whenReady` runs (and is
+        /// retried the same way while the database is unavailable). Until then every database
+        /// operation fails, so SMTP clients get 451 and nothing is queued. An error that is not the
+        /// database's (a schema newer than this build, a failure of `whenReady` itself) ends
+        /// `withRunning` with that error. With SQLite, `whenReady` simply runs before `body`.
+        case inBackground(whenReady: @Sendable () async throws -> Void)
+    }
+
+    /// Where users, the queue and the `messages` table live: one SQLite file (embedded mode), or
+    /// PostgreSQL (cluster mode, `SMTP_DATABASE_URL`), never both.
+    public enum Database: Sendable {
+        case sqlite(SQLiteDatabase)
+        case postgres(PostgresDatabase)
+
+        /// PostgreSQL when `SMTP_DATABASE_URL` is set — nothing connects before `withRunning`, and
+        /// no SQLite file is opened or created (stateless pods); otherwise the SQLite file at
+        /// `SMTP_DB_PATH`, created if missing and migrated now.
+        public static func open(_ configuration: Configuration, threadPool: NIOThreadPool, logger: Logger) throws(Failure) -> Database {
+            if let url = configuration.databaseURL {
+                do {
+                    return .postgres(try PostgresDatabase(url: url, logger: logger))
+                } catch {
+                    throw Failure(variable: "SMTP_DATABASE_URL", message: "\(error)")
+                }
             }
-            // Let the pool's run loop start before the first lease (PostgresNIO warns otherwise).
-            try await Task.sleep(for: .milliseconds(20))
             do {
-                try await postgres.migrate()
+                return .sqlite(try SQLiteDatabase(path: configuration.dbPath, threadPool: threadPool))
             } catch {
-                tasks.cancelAll()
-                throw Failure(variable: "SMTP_DATABASE_URL", message: "cannot migrate the database: \(error)")
+                throw Failure(variable: "SMTP_DB_PATH", message: "cannot open \(configuration.dbPath): \(error)", exitCode: 1)
             }
-            let result = try await body()
-            tasks.cancelAll()
-            return result
+        }
+
+        public var users: any UserStore {
+            switch self {
+            case .sqlite(let database): SQLiteUserStore(database: database)
+            case .postgres(let database): PostgresUserStore(database: database)
+            }
+        }
+
+        public var queue: any MessageQueue {
+            switch self {
+            case .sqlite(let database): SQLiteMessageQueue(database: database)
+            case .postgres(let database): PostgresMessageQueue(database: database)
+            }
+        }
+
+        /// The `messages` table: the database mailbox store, and the index of timeseries and s3.
+        var messages: any SearchableMailboxStore & MailboxIndex {
+            switch self {
+            case .sqlite(let database): SQLiteMailboxStore(database: database)
+            case .postgres(let database): PostgresMailboxStore(database: database)
+            }
+        }
+
+        /// "PostgreSQL" or "SQLite <path>" (never the URL: it holds the password).
+        public var name: String {
+            switch self {
+            case .sqlite(let database): "SQLite \(database.path)"
+            case .postgres: "PostgreSQL"
+            }
+        }
+
+        public var schemaVersion: Int {
+            switch self {
+            case .sqlite: SQLiteSchema.currentVersion
+            case .postgres: PostgresDatabase.currentVersion
+            }
+        }
+
+        /// Applies the pending migrations and returns the versions applied (empty: the schema was
+        /// current). SQLite migrates when it is opened: this returns what that open applied.
+        /// PostgreSQL: inside `withRunning`; fails within `PostgresDatabase.Limits.connectionWait`
+        /// when PostgreSQL cannot be reached.
+        public func migrate() async throws -> [Int] {
+            switch self {
+            case .sqlite(let database): database.migrationsApplied
+            case .postgres(let database): try await database.migrate()
+            }
+        }
+
+        /// One line for `smtp-server migrate`.
+        public func report(applied: [Int]) -> String {
+            if applied.isEmpty { return "\(name): schema is current (version \(schemaVersion))" }
+            let list = applied.map(String.init).joined(separator: ", ")
+            return "\(name): applied migration\(applied.count == 1 ? "" : "s") \(list) (schema version \(schemaVersion))"
+        }
+
+        /// Runs `body` with the PostgreSQL client running (a SQLite file needs nothing), migrating
+        /// as `migration` says, and stops the client afterwards.
+        public func withRunning<T: Sendable>(
+            migration: Migration, logger: Logger = Logger(label: "mailtier"), _ body: @escaping @Sendable () async throws -> T
+        ) async throws -> T {
+            guard case .postgres(let postgres) = self else {
+                if case .inBackground(let whenReady) = migration { try await whenReady() }
+                return try await body()
+            }
+            return try await withThrowingTaskGroup(of: T?.self) { tasks in
+                tasks.addTask {
+                    await postgres.run()
+                    return nil
+                }
+                defer { tasks.cancelAll() }
+                // Let the pool's run loop start before the first lease (PostgresNIO warns otherwise).
+                try await Task.sleep(for: .milliseconds(20))
+                switch migration {
+                case .byCaller:
+                    break
+                case .first:
+                    do {
+                        try await postgres.migrate()
+                    } catch {
+                        throw Failure(variable: "SMTP_DATABASE_URL", message: "cannot migrate the database: \(error)", exitCode: 1)
+                    }
+                case .inBackground(let whenReady):
+                    tasks.addTask {
+                        try await Self.migrateUntilReady(postgres, whenReady: whenReady, logger: logger)
+                        return nil
+                    }
+                }
+                tasks.addTask { try await body() }
+                while let next = try await tasks.next() {
+                    if let result = next { return result }
+                }
+                throw CancellationError()  // not reached: `body`'s task returns or throws
+            }
+        }
+
+        /// `Migration.inBackground`: retries every PostgreSQL unavailability, 1 s after the first
+        /// failure, doubling up to 30 s.
+        static func migrateUntilReady(
+            _ postgres: PostgresDatabase, whenReady: @Sendable () async throws -> Void, logger: Logger
+        ) async throws {
+            var delay = Duration.seconds(1)
+            while true {
+                do {
+                    if !postgres.isMigrated {
+                        let applied = try await postgres.migrate()
+                        logger.info(
+                            "PostgreSQL schema ready",
+                            metadata: ["version": "\(PostgresDatabase.currentVersion)", "applied": "\(applied)"])
+                    }
+                    try await whenReady()
+                    return
+                } catch let error as PostgresDatabaseError {
+                    logger.error(
+                        "PostgreSQL is not available: SMTP transactions get 451 4.3.0 until it is; retrying",
+                        metadata: ["error": "\(error)", "retry_in": "\(delay)"])
+                }
+                try await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(30))
+            }
+        }
+    }
+
+    /// `smtp-server migrate`: applies the pending migrations of the configured database and
+    /// returns the line to print. A failure names the variable, never the URL.
+    public static func migrate(configuration: Configuration, threadPool: NIOThreadPool, logger: Logger) async throws(Failure) -> String {
+        let database = try Database.open(configuration, threadPool: threadPool, logger: logger)
+        do {
+            let applied = try await database.withRunning(migration: .byCaller, logger: logger) { try await database.migrate() }
+            return database.report(applied: applied)
+        } catch {
+            let variable = configuration.databaseURL == nil ? "SMTP_DB_PATH" : "SMTP_DATABASE_URL"
+            throw Failure(variable: variable, message: "cannot migrate \(database.name): \(error)", exitCode: 1)
         }
     }
 }

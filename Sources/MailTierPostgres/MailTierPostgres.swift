@@ -1,1 +1,1 @@
-// MailTierPostgres — the PostgreSQL adapter (postgres-nio): the database mailbox store with full-text search; later users and the queue. Implements MailTier's ports.
+// MailTierPostgres — the PostgreSQL adapter (postgres-nio) of cluster mode: users, the queue and the database mailbox store with full-text search, with versioned migrations and bounded waits (PostgresDatabase). Implements MailTier's ports; imports nothing above MailTier.

@@ -7,6 +7,7 @@ import Logging
 import NIOCore
 import PostgresNIO
 import ServiceLifecycle
+import Synchronization
 
 /// A PostgreSQL database: a `PostgresClient` (a connection pool) made from a
 /// `postgres://user:password@host:port/database` URL, and the schema's migrations.
@@ -15,22 +16,58 @@ import ServiceLifecycle
 /// task group that cancels it at the end); cancelling `run()` closes the pool. Queries made
 /// before `run()` starts wait for it.
 ///
+/// Until `migrate()` has succeeded once in this process, `query` and `transaction` fail at once
+/// with `PostgresDatabaseError.Kind.notMigrated`: nothing reads or writes a schema this build
+/// has not checked (a server that starts while PostgreSQL is down answers 451 until then).
+///
+/// **Bounds** (`Limits`). PostgresNIO's pool queues a request while it cannot connect, for up to
+/// a minute (then its circuit breaker fails requests at once until a connection succeeds). A
+/// mail server must answer sooner, so every operation here waits at most
+/// `Limits.connectionWait` (3 s) for a connection — also the TCP connect timeout — and then
+/// fails with `.unavailable`: an SMTP client gets `451 4.3.0` within about 3 s when PostgreSQL
+/// is down or unreachable. An operation whose connection stops answering is abandoned after
+/// `Limits.operation` (60 s) and its connection closed (`.timedOut`). The pool keeps trying to
+/// reconnect on its own (backoff from 100 ms growing by 1.25x up to 60 s), so the node recovers
+/// without a restart once PostgreSQL is back: within seconds after a short outage, within about
+/// a minute after a long one.
+///
 /// With `schema`, every connection starts with `search_path` set to it (and `migrate()` creates
 /// it): the tests give each case its own schema.
 public final class PostgresDatabase: Service, Sendable {
+    /// How long operations may wait.
+    public struct Limits: Sendable {
+        /// Longest wait for a pooled connection (and for one TCP connect).
+        public var connectionWait: Duration
+        /// Longest time one operation (query or transaction) may take once it has a connection;
+        /// nil for none. Migrations have none: they may wait for another process's.
+        public var operation: Duration?
+
+        public init(connectionWait: Duration = .seconds(3), operation: Duration? = .seconds(60)) {
+            self.connectionWait = connectionWait
+            self.operation = operation
+        }
+    }
+
     public let client: PostgresClient
     /// The schema every connection uses, or nil for the server's default search path.
     public let schema: String?
     /// Passed to the queries.
     public let logger: Logger
+    public let limits: Limits
+    private let migrated = Mutex(false)
 
     /// Parses `url` with `configuration(url:)`. Throws `PostgresURLError` for a bad URL and for a
     /// schema that is not a plain lower-case identifier.
-    public convenience init(url: String, schema: String? = nil, logger: Logger = Logger(label: "mailtier.postgres")) throws {
-        try self.init(configuration: Self.configuration(url: url), schema: schema, logger: logger)
+    public convenience init(
+        url: String, schema: String? = nil, limits: Limits = Limits(), logger: Logger = Logger(label: "mailtier.postgres")
+    ) throws {
+        try self.init(configuration: Self.configuration(url: url), schema: schema, limits: limits, logger: logger)
     }
 
-    public init(configuration: PostgresClient.Configuration, schema: String? = nil, logger: Logger = Logger(label: "mailtier.postgres")) throws {
+    public init(
+        configuration: PostgresClient.Configuration, schema: String? = nil, limits: Limits = Limits(),
+        logger: Logger = Logger(label: "mailtier.postgres")
+    ) throws {
         var configuration = configuration
         if let schema {
             guard Self.isPlainIdentifier(schema) else {
@@ -38,8 +75,12 @@ public final class PostgresDatabase: Service, Sendable {
             }
             configuration.options.additionalStartupParameters.append(("search_path", schema))
         }
+        // DESIGN.md: a commit is on disk before the 250, whatever the server's default.
+        configuration.options.additionalStartupParameters.append(("synchronous_commit", "on"))
+        configuration.options.connectTimeout = limits.connectionWait
         self.schema = schema
         self.logger = logger
+        self.limits = limits
         self.client = PostgresClient(configuration: configuration, backgroundLogger: logger)
     }
 
@@ -49,18 +90,29 @@ public final class PostgresDatabase: Service, Sendable {
         await client.run()
     }
 
+    /// True once `migrate()` has succeeded in this process.
+    public var isMigrated: Bool { migrated.withLock { $0 } }
+
     // MARK: - Queries
 
     /// Runs one statement on a pooled connection and returns every row.
     @discardableResult
     public func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
-        try await client.query(query, logger: logger).collect()
+        try await withConnection(checked: true, limit: limits.operation) { connection, logger in
+            try await connection.query(query, logger: logger).collect()
+        }
     }
 
     /// Runs `body` between BEGIN and COMMIT on one connection; ROLLBACK when it throws, and its
     /// error is rethrown as it was.
-    public func transaction<Result: Sendable>(_ body: (PostgresTransaction) async throws -> Result) async throws -> Result {
-        try await client.withConnection { connection in
+    public func transaction<Result: Sendable>(_ body: @Sendable (PostgresTransaction) async throws -> Result) async throws -> Result {
+        try await transaction(checked: true, limit: limits.operation, body)
+    }
+
+    private func transaction<Result: Sendable>(
+        checked: Bool, limit: Duration?, _ body: @Sendable (PostgresTransaction) async throws -> Result
+    ) async throws -> Result {
+        try await withConnection(checked: checked, limit: limit) { connection, logger in
             let transaction = PostgresTransaction(connection: connection, logger: logger)
             try await transaction.query("BEGIN")
             do {
@@ -74,10 +126,75 @@ public final class PostgresDatabase: Service, Sendable {
         }
     }
 
+    /// Leases a connection for `body` within the bounds (see the type's documentation): the
+    /// lease and `body` race a timer; when the timer wins, the lease request is cancelled, or the
+    /// connection closed under `body`, and a `PostgresDatabaseError` is thrown. PostgresNIO's
+    /// errors become `PostgresDatabaseError`s; `body`'s own errors pass through.
+    private func withConnection<Result: Sendable>(
+        checked: Bool, limit: Duration?, _ body: @Sendable (PostgresConnection, Logger) async throws -> Result
+    ) async throws -> Result {
+        if checked, !isMigrated {
+            throw PostgresDatabaseError(.notMigrated, "the database schema has not been migrated yet")
+        }
+        let leased = Flag()
+        let wait = limits.connectionWait
+        let (client, logger) = (self.client, self.logger)
+        do {
+            return try await withoutActuallyEscaping(body) { body in
+                try await withThrowingTaskGroup(of: Result?.self) { group in
+                    group.addTask {
+                        try await client.withConnection { connection in
+                            leased.set()
+                            return try await withTaskCancellationHandler {
+                                try await body(connection, logger)
+                            } onCancel: {
+                                connection.close()  // fails a statement that hangs; the pool drops the connection
+                            }
+                        }
+                    }
+                    group.addTask {
+                        try await Task.sleep(for: wait)
+                        guard leased.isSet else {
+                            throw PostgresDatabaseError(.unavailable, "no connection to PostgreSQL within \(Self.seconds(wait))")
+                        }
+                        guard let limit else { return nil }
+                        try await Task.sleep(for: limit - wait)
+                        throw PostgresDatabaseError(.timedOut, "PostgreSQL did not answer within \(Self.seconds(limit))")
+                    }
+                    defer { group.cancelAll() }
+                    while let result = try await group.next() {
+                        if let result { return result }
+                    }
+                    throw CancellationError()  // unreachable: the first task returns or throws
+                }
+            }
+        } catch let error as PSQLError {
+            throw PostgresDatabaseError(error, beforeConnection: !leased.isSet)
+        } catch let error as PostgresDatabaseError {
+            throw error
+        } catch where !leased.isSet && !(error is CancellationError) {
+            // The pool's own errors (its circuit breaker is open, it was shut down).
+            throw PostgresDatabaseError(.unavailable, "no connection to PostgreSQL (\(error))")
+        }
+    }
+
+    /// Set once, read from other tasks.
+    private final class Flag: Sendable {
+        private let value = Mutex(false)
+        func set() { value.withLock { $0 = true } }
+        var isSet: Bool { value.withLock { $0 } }
+    }
+
+    static func seconds(_ duration: Duration) -> String {
+        let (seconds, attoseconds) = duration.components
+        return attoseconds == 0 ? "\(seconds) s" : "\(Double(seconds) + Double(attoseconds) / 1e18) s"
+    }
+
     // MARK: - Migrations
 
     /// `migrations[i]` brings the schema from version `i` to `i + 1`. Append; never edit one that shipped.
-    /// The tables are those of the SQLite schema (`SQLiteSchema`), in PostgreSQL's types.
+    /// The tables are those of the SQLite schema (`SQLiteSchema`), with the same columns, in
+    /// PostgreSQL's types; the version numbers of the two schemas are their own.
     public static let migrations: [[String]] = [
         // Version 1: the database mailbox store (see `PostgresMailboxStore`).
         [
@@ -105,7 +222,83 @@ public final class PostgresDatabase: Service, Sendable {
             "CREATE INDEX idx_messages_date ON messages (date)",
             "CREATE INDEX idx_messages_location ON messages (location) WHERE location IS NOT NULL",
             "CREATE INDEX idx_messages_search ON messages USING GIN (search)",
-        ]
+        ],
+        // Version 2: users, the queue and the webhook outbox — SQLite's versions 1 and 3.
+        // Times are BIGINT Unix seconds, as in SQLite, so that both adapters store and return
+        // the same values (rounded down to the second) with the same SQL shape; booleans are
+        // BOOLEAN. Email addresses are unique ignoring ASCII case, as SQLite's COLLATE NOCASE:
+        // `lower()` under the "C" collation folds A-Z only, whatever the database's locale.
+        [
+            """
+            CREATE TABLE users (
+                id BIGSERIAL PRIMARY KEY,
+                username TEXT NOT NULL CONSTRAINT users_username_key UNIQUE,
+                email TEXT NOT NULL,
+                password_hash TEXT NOT NULL,
+                quota_mb INTEGER NOT NULL DEFAULT 1000,
+                is_admin BOOLEAN NOT NULL DEFAULT false,
+                enabled BOOLEAN NOT NULL DEFAULT true,
+                created_at BIGINT NOT NULL,
+                last_login BIGINT
+            )
+            """,
+            #"CREATE UNIQUE INDEX users_email_key ON users (lower(email COLLATE "C"))"#,
+            """
+            CREATE TABLE queue_messages (
+                id TEXT PRIMARY KEY,
+                blob_key TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size_bytes BIGINT NOT NULL,
+                mail_from TEXT NOT NULL,
+                subject TEXT,
+                smtputf8 BOOLEAN NOT NULL DEFAULT false,
+                body_type TEXT,
+                ret TEXT,
+                envid TEXT,
+                deliver_by BIGINT,
+                by_mode TEXT,
+                client_ip TEXT,
+                helo TEXT,
+                auth_user TEXT,
+                created_at BIGINT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE queue_recipients (
+                id BIGSERIAL PRIMARY KEY,
+                message_id TEXT NOT NULL REFERENCES queue_messages (id) ON DELETE CASCADE,
+                recipient TEXT NOT NULL,
+                domain TEXT NOT NULL,
+                is_local BOOLEAN NOT NULL,
+                status TEXT NOT NULL DEFAULT 'pending',
+                attempts INTEGER NOT NULL DEFAULT 0,
+                max_attempts INTEGER NOT NULL DEFAULT 5,
+                next_retry BIGINT NOT NULL,
+                deliver_by BIGINT,
+                last_error TEXT,
+                lease_token TEXT,
+                lease_until BIGINT,
+                delivery_key TEXT,
+                UNIQUE (message_id, recipient)
+            )
+            """,
+            "CREATE INDEX idx_queue_recipients_due ON queue_recipients (status, next_retry)",
+            "CREATE INDEX idx_queue_recipients_domain ON queue_recipients (domain)",
+            // `payload` is TEXT, not JSONB: the webhook is signed over the exact bytes stored.
+            """
+            CREATE TABLE events (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt BIGINT,
+                delivered_at BIGINT,
+                last_error TEXT
+            )
+            """,
+            "CREATE INDEX idx_events_undelivered ON events (next_attempt) WHERE delivered_at IS NULL",
+        ],
     ]
 
     /// The version this build writes.
@@ -114,12 +307,17 @@ public final class PostgresDatabase: Service, Sendable {
     /// The `pg_advisory_xact_lock` key that serialises migrators (ASCII `MailTier`).
     static let migrationLockKey: Int64 = 0x4D61_696C_5469_6572
 
-    /// Applies every missing migration, in one transaction that first takes a transaction-level
-    /// advisory lock: two processes starting together migrate once (the second waits, then finds
-    /// nothing to do), and the lock cannot outlive a failed migration. Applied versions are rows
-    /// of `schema_migrations`. Throws when the schema was written by a newer version.
-    public func migrate() async throws {
-        try await transaction { transaction in
+    /// Applies every missing migration and returns the versions it applied (empty when the
+    /// schema was current), in one transaction that first takes a transaction-level advisory
+    /// lock: two processes starting together migrate once (the second waits, then finds nothing
+    /// to do), and the lock cannot outlive a failed migration. Applied versions are rows of
+    /// `schema_migrations`. Throws `PostgresMigrationError` when the schema was written by a
+    /// newer version, `PostgresDatabaseError` when PostgreSQL cannot be reached (within
+    /// `Limits.connectionWait`) or refuses. Once it has succeeded, `query` and `transaction` work.
+    @discardableResult
+    public func migrate() async throws -> [Int] {
+        let schema = self.schema
+        let applied = try await transaction(checked: false, limit: nil) { transaction in
             try await transaction.query("SELECT pg_advisory_xact_lock(\(Self.migrationLockKey))")
             if let schema {
                 // `schema` is a checked plain identifier (init).
@@ -127,21 +325,26 @@ public final class PostgresDatabase: Service, Sendable {
             }
             try await transaction.query(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-            var applied = Set<Int>()
+            var present = Set<Int>()
             for row in try await transaction.query("SELECT version FROM schema_migrations") {
-                applied.insert(try row.decode(Int.self))
+                present.insert(try row.decode(Int.self))
             }
-            if let newest = applied.max(), newest > Self.currentVersion {
+            if let newest = present.max(), newest > Self.currentVersion {
                 throw PostgresMigrationError(
                     "database schema version \(newest) is newer than this program's (\(Self.currentVersion))")
             }
-            for (index, statements) in Self.migrations.enumerated() where !applied.contains(index + 1) {
+            var applied: [Int] = []
+            for (index, statements) in Self.migrations.enumerated() where !present.contains(index + 1) {
                 for statement in statements {
                     try await transaction.query(PostgresQuery(unsafeSQL: statement))
                 }
                 try await transaction.query("INSERT INTO schema_migrations (version) VALUES (\(index + 1))")
+                applied.append(index + 1)
             }
+            return applied
         }
+        migrated.withLock { $0 = true }
+        return applied
     }
 
     /// The applied versions, ascending.
@@ -242,4 +445,60 @@ public struct PostgresMigrationError: Error, Sendable, Equatable, CustomStringCo
     public init(_ description: String) {
         self.description = description
     }
+}
+
+/// A PostgreSQL operation that failed. Every case is transient for the callers (451, retry).
+/// `description` is one line for an operator: what failed, with PostgreSQL's message or the
+/// network error — never the URL, a password or a statement's values.
+public struct PostgresDatabaseError: Error, Sendable, CustomStringConvertible {
+    public enum Kind: Sendable, Equatable {
+        /// No connection within `Limits.connectionWait`: PostgreSQL is down or unreachable, or
+        /// every pooled connection stayed busy.
+        case unavailable
+        /// The operation took longer than `Limits.operation`; its connection was closed.
+        case timedOut
+        /// `migrate()` has not succeeded yet in this process.
+        case notMigrated
+        /// PostgreSQL refused the statement (`sqlState`, `constraint`).
+        case refused
+        /// The connection failed or closed during the operation.
+        case connectionLost
+    }
+
+    public var kind: Kind
+    /// The SQLSTATE of a refusal, e.g. `23505` for a unique violation.
+    public var sqlState: String?
+    /// The constraint (or unique index) a refusal names.
+    public var constraint: String?
+    public var description: String
+
+    public init(_ kind: Kind, _ description: String, sqlState: String? = nil, constraint: String? = nil) {
+        self.kind = kind
+        self.description = description
+        self.sqlState = sqlState
+        self.constraint = constraint
+    }
+
+    /// From PostgresNIO's error, keeping the server's SQLSTATE, constraint and message (not its
+    /// detail, which quotes values) or the underlying network error.
+    init(_ error: PSQLError, beforeConnection: Bool) {
+        if let info = error.serverInfo, error.code == .server {
+            let state = info[.sqlState]
+            let message = info[.message] ?? "error"
+            self.init(
+                .refused, "PostgreSQL: \(message)\(state.map { " (SQLSTATE \($0))" } ?? "")", sqlState: state,
+                constraint: info[.constraintName])
+            if beforeConnection { kind = .unavailable }
+            return
+        }
+        let cause = error.underlying.map { "\($0)" } ?? "\(error.code)"
+        if beforeConnection {
+            self.init(.unavailable, "cannot connect to PostgreSQL: \(cause)")
+        } else {
+            self.init(.connectionLost, "PostgreSQL connection failed: \(cause)")
+        }
+    }
+
+    /// SQLSTATE 23505.
+    public var isUniqueViolation: Bool { sqlState == "23505" }
 }

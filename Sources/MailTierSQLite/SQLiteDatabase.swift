@@ -332,6 +332,8 @@ private struct GuardedConnection: @unchecked Sendable {
 /// lock is not re-entrant.
 public final class SQLiteDatabase: Sendable {
     public let path: String
+    /// The schema versions this open applied (empty when the file was already current).
+    public let migrationsApplied: [Int]
     private let threadPool: NIOThreadPool
     private let connection: NIOLockedValueBox<GuardedConnection>
 
@@ -346,7 +348,7 @@ public final class SQLiteDatabase: Sendable {
         try connection.execute("PRAGMA journal_mode=WAL")
         try connection.execute("PRAGMA synchronous=FULL")
         try connection.execute("PRAGMA foreign_keys=ON")
-        try SQLiteSchema.migrate(connection)
+        self.migrationsApplied = try SQLiteSchema.migrate(connection)
         self.connection = NIOLockedValueBox(GuardedConnection(connection: connection))
     }
 

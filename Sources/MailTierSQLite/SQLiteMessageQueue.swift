@@ -14,8 +14,6 @@ public struct SQLiteMessageQueue: MessageQueue {
         self.database = database
     }
 
-    private static func seconds(_ date: Date) -> Int64 { Int64(date.timeIntervalSince1970.rounded(.down)) }
-
     public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
         try await database.write { db in
             try db.execute(
@@ -27,9 +25,9 @@ public struct SQLiteMessageQueue: MessageQueue {
                 [
                     .text(message.id), .text(message.blobKey), .text(message.sha256), .integer(Int64(message.sizeBytes)),
                     .text(message.mailFrom), .optionalText(message.subject), .bool(message.smtputf8),
-                    .optionalText(message.bodyType), .optionalInteger(message.deliverBy.map(Self.seconds)),
+                    .optionalText(message.bodyType), .optionalInteger(message.deliverBy?.unixSeconds),
                     .optionalText(message.deliverByMode), .text(message.clientAddress), .text(message.heloName),
-                    .optionalText(message.authenticatedUser), .integer(Self.seconds(message.createdAt)),
+                    .optionalText(message.authenticatedUser), .integer(message.createdAt.unixSeconds),
                 ])
             for recipient in recipients {
                 try db.execute(
@@ -40,8 +38,8 @@ public struct SQLiteMessageQueue: MessageQueue {
                     """,
                     [
                         .text(message.id), .text(recipient.address), .text(recipient.domain), .bool(recipient.isLocal),
-                        .integer(Int64(maxAttempts)), .integer(Self.seconds(message.createdAt)),
-                        .optionalInteger(message.deliverBy.map(Self.seconds)),
+                        .integer(Int64(maxAttempts)), .integer(message.createdAt.unixSeconds),
+                        .optionalInteger(message.deliverBy?.unixSeconds),
                     ])
             }
         }
@@ -50,7 +48,7 @@ public struct SQLiteMessageQueue: MessageQueue {
     public func claimDue(
         now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String
     ) async throws -> [DeliveryJob] {
-        let nowSeconds = Self.seconds(now)
+        let nowSeconds = now.unixSeconds
         let leaseUntil = nowSeconds + lease.components.seconds
         return try await database.write { db in
             let rows = try db.query(
@@ -89,21 +87,15 @@ public struct SQLiteMessageQueue: MessageQueue {
         try await database.write { db in
             var touched: [String] = []
             for (job, outcome) in outcomes {
-                let clearLease = "lease_token = NULL, lease_until = NULL, attempts = attempts + 1"
-                switch outcome {
-                case .delivered:
-                    try db.execute(
-                        "UPDATE queue_recipients SET status = 'delivered', last_error = NULL, \(clearLease) WHERE id = ? AND lease_token = ?",
-                        [.integer(job.id), .text(job.leaseToken)])
-                case .retry(let error, let at):
-                    try db.execute(
-                        "UPDATE queue_recipients SET status = 'retry', last_error = ?, next_retry = ?, \(clearLease) WHERE id = ? AND lease_token = ?",
-                        [.text(error), .integer(Self.seconds(at)), .integer(job.id), .text(job.leaseToken)])
-                case .failed(let error):
-                    try db.execute(
-                        "UPDATE queue_recipients SET status = 'failed', last_error = ?, \(clearLease) WHERE id = ? AND lease_token = ?",
-                        [.text(error), .integer(job.id), .text(job.leaseToken)])
-                }
+                let update = outcome.recipientUpdate
+                try db.execute(
+                    """
+                    UPDATE queue_recipients SET status = ?, last_error = ?, next_retry = COALESCE(?, next_retry),
+                        lease_token = NULL, lease_until = NULL, attempts = attempts + 1
+                    WHERE id = ? AND lease_token = ?
+                    """,
+                    [.text(update.status.rawValue), .optionalText(update.lastError),
+                     .optionalInteger(update.nextRetry?.unixSeconds), .integer(job.id), .text(job.leaseToken)])
                 if db.changes == 1 && !touched.contains(job.messageID) { touched.append(job.messageID) }
             }
             var finished: [String] = []
@@ -131,7 +123,7 @@ public struct SQLiteMessageQueue: MessageQueue {
         try await database.write { db in
             try db.execute(
                 "UPDATE queue_recipients SET next_retry = ? WHERE domain = ? AND status IN ('pending', 'retry')",
-                [.integer(Self.seconds(now)), .text(domain)])
+                [.integer(now.unixSeconds), .text(domain)])
             return db.changes
         }
     }

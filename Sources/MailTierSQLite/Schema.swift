@@ -1,8 +1,9 @@
 /// The database schema, versioned with `PRAGMA user_version`.
 ///
-/// The same tables exist in PostgreSQL: keep the SQL portable (INTEGER, TEXT, no SQLite-only
-/// types; times are integer Unix seconds; booleans are INTEGER 0/1). A new version is a new
-/// element appended to `migrations`; never edit a migration that has shipped.
+/// The same tables, with the same columns, exist in PostgreSQL (`PostgresDatabase.migrations`,
+/// where the versions are numbered on their own): keep the SQL portable (INTEGER, TEXT, no
+/// SQLite-only types; times are integer Unix seconds; booleans are INTEGER 0/1). A new version is
+/// a new element appended to `migrations`; never edit a migration that has shipped.
 public enum SQLiteSchema {
     /// `migrations[i]` brings the database from version `i` to version `i + 1`.
     static let migrations: [[String]] = [
@@ -98,15 +99,35 @@ public enum SQLiteSchema {
             END
             """,
         ],
+        // Version 3: the webhook outbox (DESIGN.md `events`). An event is inserted in the
+        // transaction of the change it reports; a sender posts it and sets `delivered_at`, or
+        // counts the attempt, keeps `last_error` and schedules `next_attempt`.
+        [
+            """
+            CREATE TABLE events (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt INTEGER,
+                delivered_at INTEGER,
+                last_error TEXT
+            )
+            """,
+            "CREATE INDEX idx_events_undelivered ON events(next_attempt) WHERE delivered_at IS NULL",
+        ],
     ]
 
     /// The version this build writes.
     public static var currentVersion: Int { migrations.count }
 
     /// Applies every missing migration, each in its own IMMEDIATE transaction (so two
-    /// processes opening a fresh file at once do not both migrate it). Throws when the
-    /// file was written by a newer version.
-    static func migrate(_ connection: SQLiteConnection) throws {
+    /// processes opening a fresh file at once do not both migrate it), and returns the versions
+    /// it applied. Throws when the file was written by a newer version.
+    @discardableResult
+    static func migrate(_ connection: SQLiteConnection) throws -> [Int] {
+        var applied: [Int] = []
         for (index, statements) in migrations.enumerated() {
             let target = index + 1
             try connection.execute("BEGIN IMMEDIATE")
@@ -123,6 +144,7 @@ public enum SQLiteSchema {
                     }
                     // PRAGMA takes no bound parameters; `target` is an Int, not user input.
                     try connection.execute("PRAGMA user_version = \(target)")
+                    applied.append(target)
                 }
                 try connection.execute("COMMIT")
             } catch {
@@ -130,6 +152,7 @@ public enum SQLiteSchema {
                 throw error
             }
         }
+        return applied
     }
 
     static func userVersion(_ connection: SQLiteConnection) throws -> Int {

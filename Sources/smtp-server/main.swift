@@ -9,6 +9,7 @@ import MailTierArgon2
 import MailTierBootstrap
 import MailTierFiles
 import MailTierPostgres
+import MailTierRedis
 import MailTierS3
 import MailTierSQLite
 import NIOCore
@@ -28,7 +29,9 @@ if arguments.contains("--help") || arguments.contains("-h") {
     print(Configuration.helpText)
     exit(0)
 }
-if let unknown = arguments.first {
+// `smtp-server migrate`: apply the pending migrations, print one line, exit.
+let migrateOnly = arguments.count == 1 && arguments.first == "migrate"
+if !migrateOnly, let unknown = arguments.first {
     fail("unknown argument \(unknown) (see smtp-server --help)")
 }
 
@@ -38,7 +41,7 @@ do {
 } catch {
     fail(error.description)
 }
-guard configuration.role == .all || configuration.role == .ingress || configuration.role == .delivery else {
+guard migrateOnly || configuration.role == .all || configuration.role == .ingress || configuration.role == .delivery else {
     fail("SMTP_ROLE: \"\(configuration.role.rawValue)\" is not available in this version (all, ingress, delivery are)")
 }
 
@@ -49,6 +52,18 @@ LoggingSystem.bootstrap { label in
     return handler
 }
 let logger = Logger(label: "mailtier")
+
+if migrateOnly {
+    let threadPool = NIOThreadPool(numberOfThreads: 1)
+    threadPool.start()
+    do {
+        print(try await Storage.migrate(configuration: configuration, threadPool: threadPool, logger: logger))
+    } catch {
+        fail(error.description, code: error.exitCode)
+    }
+    try? await threadPool.shutdownGracefully()
+    exit(0)
+}
 
 var tlsContext: NIOSSLContext?
 if configuration.enableTLS, let certPath = configuration.tlsCert, let keyPath = configuration.tlsKey {
@@ -65,32 +80,30 @@ if configuration.enableTLS, let certPath = configuration.tlsCert, let keyPath = 
 let threadPool = NIOThreadPool(numberOfThreads: 8)
 threadPool.start()
 
-let database: SQLiteDatabase
-do {
-    database = try SQLiteDatabase(path: configuration.dbPath, threadPool: threadPool)
-} catch {
-    fail("SMTP_DB_PATH: cannot open \(configuration.dbPath): \(error)", code: 1)
-}
-
+// Users, queue and `messages` in PostgreSQL (SMTP_DATABASE_URL; no SQLite file then) or SQLite.
 let storage: Storage
 do {
-    storage = try Storage(configuration: configuration, database: database, threadPool: threadPool, logger: logger)
+    storage = try Storage(configuration: configuration, threadPool: threadPool, logger: logger)
 } catch {
-    fail(error.description)
+    fail(error.description, code: error.exitCode)
 }
 let spool = storage.spool
 let mailboxes = storage.mailboxes
-let accounts = AccountService(users: SQLiteUserStore(database: database), hasher: Argon2idHasher(threadPool: threadPool))
-let queue = SQLiteMessageQueue(database: database)
+let accounts = AccountService(users: storage.users, hasher: Argon2idHasher(threadPool: threadPool))
+let queue = storage.queue
 
-do {
-    if let password = try await accounts.ensureAdmin(
-        username: configuration.adminUsername, email: configuration.adminEmail, password: configuration.adminPassword)
-    {
-        FileHandle.standardOutput.write(Data("Created admin user '\(configuration.adminUsername)' with password: \(password)\n".utf8))
+/// The first administrator, when there is no user at all: before the services start (SQLite), or
+/// once PostgreSQL is reachable and migrated.
+let createFirstAdmin: @Sendable () async throws -> Void = {
+    do {
+        if let password = try await accounts.ensureAdmin(
+            username: configuration.adminUsername, email: configuration.adminEmail, password: configuration.adminPassword)
+        {
+            FileHandle.standardOutput.write(Data("Created admin user '\(configuration.adminUsername)' with password: \(password)\n".utf8))
+        }
+    } catch let error as AccountError {
+        fail("cannot create the first admin user \(configuration.adminUsername): \(error)", code: 1)
     }
-} catch {
-    fail("cannot create the first admin user \(configuration.adminUsername): \(error)", code: 1)
 }
 
 // Temporary files of puts interrupted by a crash; their messages were never acknowledged.
@@ -99,12 +112,21 @@ if let directorySpool = spool as? SpoolBlobStore {
 }
 let quota = QuotaChecker(mailboxes: mailboxes)
 
+// Rate limits and leases: shared through Redis (SMTP_REDIS_URL) or in this process.
+let redis: (limiter: any RateLimiter, leases: any LeaseStore, client: RedisClient?)
+do {
+    redis = try RedisServices.make(configuration: configuration, logger: logger)
+} catch {
+    fail("SMTP_REDIS_URL: \(error)")
+}
+
 let doorbell = Doorbell()
-var services: [any Service] = []
+// The Redis client first: a ServiceGroup stops its services in reverse order.
+var services: [any Service] = redis.client.map { [$0] } ?? []
 if configuration.role == .all || configuration.role == .ingress {
     let ingress = IngressService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
-        newMail: configuration.role == .all ? doorbell : nil, quota: quota, logger: logger)
+        newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter, logger: logger)
     services.append(
         SMTPServer(
             configuration: .init(
@@ -123,7 +145,7 @@ if configuration.role == .all || configuration.role == .delivery {
     services.append(
         DeliveryService(
             queue: queue, spool: spool, mailboxes: mailboxes,
-            settings: .init(exclusive: configuration.role == .all, pollInterval: .seconds(configuration.queuePollSeconds)),
+            settings: .init(exclusive: configuration.role == .all && configuration.databaseURL == nil, pollInterval: .seconds(configuration.queuePollSeconds)),
             doorbell: doorbell, quota: (accounts.users, quota), logger: logger))
 }
 
@@ -134,7 +156,7 @@ let group = ServiceGroup(
         logger: logger))
 var exitCode: Int32 = 0
 do {
-    try await storage.withRunning { try await group.run() }
+    try await storage.withRunning(migration: .inBackground(whenReady: createFirstAdmin)) { try await group.run() }
 } catch {
     logger.error("stopped with an error", metadata: ["error": "\(error)"])
     exitCode = 1

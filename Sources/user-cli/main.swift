@@ -1,8 +1,9 @@
-// user-cli: account management on the server's SQLite database (API.md, "CLI Tools").
+// user-cli: account management on the server's database (API.md, "CLI Tools"): PostgreSQL when
+// SMTP_DATABASE_URL is set, as the server, else SQLite.
 //
-// Environment: SMTP_DB_PATH (default smtp.db), SMTP_STORAGE_PATH (default /var/mail, for
-// "Used:" in `info`). Errors: one line "user-cli: <message>" on stderr; exit 1 for runtime
-// errors, 2 for usage errors. Passwords are never printed.
+// Environment: SMTP_DATABASE_URL, SMTP_DB_PATH (default smtp.db), SMTP_STORAGE_PATH (default
+// /var/mail, for "Used:" in `info`). Errors: one line "user-cli: <message>" on stderr; exit 1 for
+// runtime errors, 2 for usage errors. Passwords are never printed.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -14,6 +15,7 @@ import MailTier
 import MailTierArgon2
 import MailTierBootstrap
 import MailTierFiles
+import MailTierPostgres
 import MailTierSQLite
 import NIOPosix
 
@@ -39,7 +41,8 @@ let usage = """
       --help                                     Show this help
 
     Environment:
-      SMTP_DB_PATH       SQLite database file (default: smtp.db)
+      SMTP_DATABASE_URL  PostgreSQL URL (postgres://user:password@host:port/db), as the server
+      SMTP_DB_PATH       SQLite database file, without SMTP_DATABASE_URL (default: smtp.db)
       SMTP_STORAGE_PATH  Mail storage directory (default: /var/mail)
 
     """
@@ -103,19 +106,45 @@ func expect(_ arguments: ArraySlice<String>, count: Int, command: String) throws
     }
 }
 
-/// Runs one command; returns its stdout.
-/// The mailbox storage the server uses, from the same environment (`SMTP_STORAGE_TYPE`, …).
-func storage(database: SQLiteDatabase, threadPool: NIOThreadPool) throws(Failure) -> Storage {
+/// Nothing from the libraries reaches the terminal: errors are reported as one line.
+let quietLogger: Logger = {
     var logger = Logger(label: "user-cli")
     logger.logLevel = .critical
+    return logger
+}()
+
+/// The server's database: PostgreSQL when SMTP_DATABASE_URL is set, else the SQLite file at
+/// SMTP_DB_PATH (created if missing).
+func openDatabase(threadPool: NIOThreadPool) throws(Failure) -> Storage.Database {
+    let url = environment("SMTP_DATABASE_URL", default: "")
+    if !url.isEmpty {
+        do {
+            return .postgres(try PostgresDatabase(url: url, logger: quietLogger))
+        } catch {
+            throw .runtime("SMTP_DATABASE_URL: \(error)")
+        }
+    }
+    let dbPath = environment("SMTP_DB_PATH", default: "smtp.db")
+    do {
+        return .sqlite(try SQLiteDatabase(path: dbPath, threadPool: threadPool))
+    } catch let error as SQLiteError {
+        throw .runtime("cannot open database \(dbPath): \(error.message)")
+    } catch {
+        throw .runtime("cannot open database \(dbPath): \(error)")
+    }
+}
+
+/// The mailbox storage the server uses, from the same environment (`SMTP_STORAGE_TYPE`, …).
+func storage(database: Storage.Database, threadPool: NIOThreadPool) throws(Failure) -> Storage {
     do {
         let configuration = try Configuration.load(from: ProcessInfo.processInfo.environment)
-        return try Storage(configuration: configuration, database: database, threadPool: threadPool, logger: logger)
+        return try Storage(configuration: configuration, database: database, threadPool: threadPool, logger: quietLogger)
     } catch {
         throw .runtime("\(error)")
     }
 }
 
+/// Runs one command; returns its stdout.
 func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure) -> String {
     guard let command = arguments.first else { throw .usage("missing command") }
     let rest = arguments.dropFirst()
@@ -149,81 +178,11 @@ func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure)
         quota = try parseInt(rest[rest.startIndex + 1], what: "quota")
     }
 
-    let dbPath = environment("SMTP_DB_PATH", default: "smtp.db")
-    let database: SQLiteDatabase
+    let database = try openDatabase(threadPool: threadPool)
+    let accounts = AccountService(users: database.users, hasher: Argon2idHasher(threadPool: threadPool))
     do {
-        database = try SQLiteDatabase(path: dbPath, threadPool: threadPool)
-    } catch let error as SQLiteError {
-        throw .runtime("cannot open database \(dbPath): \(error.message)")
-    } catch {
-        throw .runtime("cannot open database \(dbPath): \(error)")
-    }
-    let accounts = AccountService(
-        users: SQLiteUserStore(database: database), hasher: Argon2idHasher(threadPool: threadPool))
-
-    do {
-        let a = Array(rest)
-        switch command {
-        case "create":
-            let user = try await accounts.create(username: a[0], email: a[1], password: a[2])
-            return """
-                User created successfully:
-                  Username: \(user.username)
-                  Email: \(user.email)
-                  ID: \(user.id)
-
-                """
-        case "list":
-            let (users, total) = try await accounts.list(offset: 0, limit: limit)
-            var out = "Users:\n"
-            for user in users {
-                out += "  \(user.id). \(user.username) (\(user.email)) - Created: \(utc(user.createdAt, withTime: false))\n"
-            }
-            out += "Total: \(total)\n"
-            return out
-        case "update-password":
-            try await accounts.setPassword(username: a[0], password: a[1])
-            return "Password updated successfully for user: \(a[0])\n"
-        case "set-quota":
-            try await accounts.setQuota(username: a[0], quotaMB: quota)
-            return "Quota set to \(quota) MB for user: \(a[0])\n"
-        case "delete":
-            // The account and all its mail (API.md: "Delete a user and all their data").
-            let user = try await accounts.info(username: a[0])
-            let storage = try storage(database: database, threadPool: threadPool)
-            try await accounts.delete(username: a[0])
-            do {
-                try await storage.withRunning { try await storage.mailboxes.deleteMailbox(user.email) }
-            } catch {
-                throw Failure.runtime("user \(a[0]) deleted, but the mailbox \(user.email) could not be removed: \(error)")
-            }
-            return "User deleted successfully: \(a[0])\n"
-        case "verify":
-            // An administrator's check, not a login: last_login is left alone.
-            guard try await accounts.authenticate(login: a[0], password: a[1], recordLogin: false) != nil else {
-                throw Failure.runtime("authentication failed for user: \(AccountError.sanitized(a[0]))")
-            }
-            return "Authentication successful for user: \(a[0])\n"
-        case "info":
-            let user = try await accounts.info(username: a[0])
-            let storage = try storage(database: database, threadPool: threadPool)
-            let usedBytes = try await storage.withRunning { try await storage.mailboxes.usageBytes(of: user.email) }
-            let usedMB = Double(usedBytes) / 1_048_576
-            let percent = user.quotaMB > 0 ? usedMB / Double(user.quotaMB) * 100 : 0
-            return """
-                User Information:
-                  Username: \(user.username)
-                  Email: \(user.email)
-                  ID: \(user.id)
-                  Created: \(utc(user.createdAt, withTime: true))
-                  Last Login: \(user.lastLogin.map { utc($0, withTime: true) } ?? "Never")
-                  Quota: \(user.quotaMB) MB
-                  Used: \(oneDecimal(usedMB)) MB (\(oneDecimal(percent))%)
-                  Status: \(user.enabled ? "Enabled" : "Disabled")
-
-                """
-        default:
-            throw Failure.usage("unknown command: \(command)")
+        return try await database.withRunning(migration: .first, logger: quietLogger) { [limit, quota] in
+            try await execute(command, Array(rest), limit: limit, quota: quota, accounts: accounts, database: database, threadPool: threadPool)
         }
     } catch let failure as Failure {
         throw failure
@@ -231,8 +190,79 @@ func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure)
         throw .runtime(error.description)
     } catch let error as SQLiteError {
         throw .runtime("database error: \(error.message)")
+    } catch let error as PostgresDatabaseError {
+        throw .runtime("database error: \(error)")
     } catch {
         throw .runtime("\(error)")
+    }
+}
+
+/// A checked command, with the database running.
+func execute(
+    _ command: String, _ a: [String], limit: Int, quota: Int, accounts: AccountService, database: Storage.Database,
+    threadPool: NIOThreadPool
+) async throws -> String {
+    switch command {
+    case "create":
+        let user = try await accounts.create(username: a[0], email: a[1], password: a[2])
+        return """
+            User created successfully:
+              Username: \(user.username)
+              Email: \(user.email)
+              ID: \(user.id)
+
+            """
+    case "list":
+        let (users, total) = try await accounts.list(offset: 0, limit: limit)
+        var out = "Users:\n"
+        for user in users {
+            out += "  \(user.id). \(user.username) (\(user.email)) - Created: \(utc(user.createdAt, withTime: false))\n"
+        }
+        out += "Total: \(total)\n"
+        return out
+    case "update-password":
+        try await accounts.setPassword(username: a[0], password: a[1])
+        return "Password updated successfully for user: \(a[0])\n"
+    case "set-quota":
+        try await accounts.setQuota(username: a[0], quotaMB: quota)
+        return "Quota set to \(quota) MB for user: \(a[0])\n"
+    case "delete":
+        // The account and all its mail (API.md: "Delete a user and all their data").
+        let user = try await accounts.info(username: a[0])
+        let storage = try storage(database: database, threadPool: threadPool)
+        try await accounts.delete(username: a[0])
+        do {
+            try await storage.closingClients { try await storage.mailboxes.deleteMailbox(user.email) }
+        } catch {
+            throw Failure.runtime("user \(a[0]) deleted, but the mailbox \(user.email) could not be removed: \(error)")
+        }
+        return "User deleted successfully: \(a[0])\n"
+    case "verify":
+        // An administrator's check, not a login: last_login is left alone.
+        guard try await accounts.authenticate(login: a[0], password: a[1], recordLogin: false) != nil else {
+            throw Failure.runtime("authentication failed for user: \(AccountError.sanitized(a[0]))")
+        }
+        return "Authentication successful for user: \(a[0])\n"
+    case "info":
+        let user = try await accounts.info(username: a[0])
+        let storage = try storage(database: database, threadPool: threadPool)
+        let usedBytes = try await storage.closingClients { try await storage.mailboxes.usageBytes(of: user.email) }
+        let usedMB = Double(usedBytes) / 1_048_576
+        let percent = user.quotaMB > 0 ? usedMB / Double(user.quotaMB) * 100 : 0
+        return """
+            User Information:
+              Username: \(user.username)
+              Email: \(user.email)
+              ID: \(user.id)
+              Created: \(utc(user.createdAt, withTime: true))
+              Last Login: \(user.lastLogin.map { utc($0, withTime: true) } ?? "Never")
+              Quota: \(user.quotaMB) MB
+              Used: \(oneDecimal(usedMB)) MB (\(oneDecimal(percent))%)
+              Status: \(user.enabled ? "Enabled" : "Disabled")
+
+            """
+    default:
+        throw Failure.usage("unknown command: \(command)")
     }
 }
 

@@ -132,9 +132,12 @@ struct StorageBackendTests {
 
     @Test("database (PostgreSQL): the row holds the body; a second start migrates idempotently")
     func databasePostgres() async throws {
-        guard let services = try serviceVariables(["MAILTIER_TEST_POSTGRES_URL"]) else { return }
-        let url = services["MAILTIER_TEST_POSTGRES_URL"]!
-        // Rows of other runs (and other tests) live in the same table: a domain of our own.
+        // Users and the queue are in PostgreSQL too: a database of this test's own.
+        try await withPrivatePostgresDatabase { url in try await databasePostgres(url: url) }
+    }
+
+    private func databasePostgres(url: String) async throws {
+        // A domain of our own.
         let email = "alice@pg-\(uniqueSuffix()).example.test"
         let cleanup = #"DELETE FROM messages WHERE "user" = '\#(email)'"#
         let select = """
@@ -180,8 +183,9 @@ struct StorageBackendTests {
                 let bytes = try #require(row.text("body").flatMap { Data(base64Encoded: $0) }.map { Array($0) }, "body is NULL")
                 #expect(row.int("size") == bytes.count)
                 expectStoredMessage(bytes, sender: Self.sender, helo: "client.test", queueID: id, recipient: email, body: body)
-                // The SQLite file keeps users and the queue, not the message.
-                #expect(try await sqliteRows(h, "SELECT COUNT(*) AS n FROM messages").first?.int("n") == 0)
+                // Users and the queue are in PostgreSQL: no SQLite file at all.
+                let sqlite = h.environment["SMTP_DB_PATH"]!
+                #expect(!FileManager.default.fileExists(atPath: sqlite), "a SQLite file was created at \(sqlite)")
 
                 // A second start on the migrated database: it starts, and stores again.
                 try await h.restart()

@@ -16,28 +16,19 @@ private func cheapHasher() -> Argon2idHasher {
     Argon2idHasher(threadPool: NIOThreadPool.singleton, maxConcurrent: 2, parameters: cheap)
 }
 
-/// A fresh temporary directory, removed after `body`.
-private func withTemporaryDirectory<T>(_ body: (String) async throws -> T) async throws -> T {
-    let template = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-accounts-XXXXXX").path
-    var bytes = Array(template.utf8CString)
-    guard let made = mkdtemp(&bytes) else { throw POSIXError(.EIO) }
-    let directory = String(cString: made)
-    defer { try? FileManager.default.removeItem(atPath: directory) }
-    return try await body(directory)
-}
-
 private func withDatabase<T>(_ body: (SQLiteDatabase, String) async throws -> T) async throws -> T {
-    try await withTemporaryDirectory { directory in
+    try await withTemporaryDirectory("mailtier-accounts") { directory in
         let path = directory + "/smtp.db"
         let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
         return try await body(database, path)
     }
 }
 
-private func withAccounts<T>(_ body: (AccountService, SQLiteUserStore) async throws -> T) async throws -> T {
-    try await withDatabase { database, _ in
-        let store = SQLiteUserStore(database: database)
-        return try await body(AccountService(users: store, hasher: cheapHasher()), store)
+/// Accounts on a fresh database of `backend` (see `withTestDatabase`).
+private func withAccounts(_ backend: DatabaseBackend, _ body: (AccountService, any UserStore) async throws -> Void) async throws {
+    try await withTestDatabase(backend) { database in
+        let store = database.users
+        try await body(AccountService(users: store, hasher: cheapHasher()), store)
     }
 }
 
@@ -73,13 +64,13 @@ extension AccountTests {
                 #expect(foreignKeys == 1)
                 #expect(synchronous == 2)  // FULL
                 #expect(version == Int64(SQLiteSchema.currentVersion))
-                #expect(tables.filter { !$0.hasPrefix("messages") } == ["queue_messages", "queue_recipients", "users"])
+                #expect(tables.filter { !$0.hasPrefix("messages") } == ["events", "queue_messages", "queue_recipients", "users"])
                 #expect(tables.contains("messages") && tables.contains("messages_fts"))
             }
         }
 
         @Test func reopeningDoesNotMigrateAgainAndKeepsData() async throws {
-            try await withTemporaryDirectory { directory in
+            try await withTemporaryDirectory("mailtier-accounts") { directory in
                 let path = directory + "/smtp.db"
                 do {
                     let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
@@ -93,7 +84,7 @@ extension AccountTests {
         }
 
         @Test func refusesANewerSchema() async throws {
-            try await withTemporaryDirectory { directory in
+            try await withTemporaryDirectory("mailtier-accounts") { directory in
                 let path = directory + "/smtp.db"
                 do {
                     let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
@@ -241,13 +232,14 @@ extension AccountTests {
     }
 }
 
-// MARK: - SQLiteUserStore
+// MARK: - UserStore (SQLite and PostgreSQL)
 
 extension AccountTests {
-    @Suite struct SQLiteUserStoreTests {
-        @Test func createAndFind() async throws {
-            try await withDatabase { database, _ in
-                let store = SQLiteUserStore(database: database)
+    @Suite struct UserStoreTests {
+        @Test(arguments: DatabaseBackend.allCases)
+        func createAndFind(_ backend: DatabaseBackend) async throws {
+            try await withTestDatabase(backend) { (database: TestDatabase) async throws in
+                let store = database.users
                 let before = Date().timeIntervalSince1970.rounded(.down)
                 let john = try await store.create(
                     username: "john", email: "John@Example.com", passwordHash: "$argon2id$x", quotaMB: 1000, isAdmin: false)
@@ -277,9 +269,10 @@ extension AccountTests {
             }
         }
 
-        @Test func duplicatesBothWays() async throws {
-            try await withDatabase { database, _ in
-                let store = SQLiteUserStore(database: database)
+        @Test(arguments: DatabaseBackend.allCases)
+        func duplicatesBothWays(_ backend: DatabaseBackend) async throws {
+            try await withTestDatabase(backend) { (database: TestDatabase) async throws in
+                let store = database.users
                 _ = try await store.create(
                     username: "john", email: "john@example.com", passwordHash: "h", quotaMB: 1000, isAdmin: false)
                 await #expect(throws: UserStoreError.duplicateUsername) {
@@ -303,9 +296,10 @@ extension AccountTests {
             }
         }
 
-        @Test func listPagesInIDOrderWithTotal() async throws {
-            try await withDatabase { database, _ in
-                let store = SQLiteUserStore(database: database)
+        @Test(arguments: DatabaseBackend.allCases)
+        func listPagesInIDOrderWithTotal(_ backend: DatabaseBackend) async throws {
+            try await withTestDatabase(backend) { (database: TestDatabase) async throws in
+                let store = database.users
                 for index in 1...7 {
                     _ = try await store.create(
                         username: "user\(index)", email: "user\(index)@example.com", passwordHash: "h", quotaMB: index,
@@ -327,9 +321,10 @@ extension AccountTests {
             }
         }
 
-        @Test func updateWritesEveryFieldButIDAndCreation() async throws {
-            try await withDatabase { database, _ in
-                let store = SQLiteUserStore(database: database)
+        @Test(arguments: DatabaseBackend.allCases)
+        func updateWritesEveryFieldButIDAndCreation(_ backend: DatabaseBackend) async throws {
+            try await withTestDatabase(backend) { (database: TestDatabase) async throws in
+                let store = database.users
                 let john = try await store.create(
                     username: "john", email: "john@example.com", passwordHash: "h1", quotaMB: 1000, isAdmin: false)
                 var changed = john
@@ -353,9 +348,10 @@ extension AccountTests {
             }
         }
 
-        @Test func deleteAndRecordLogin() async throws {
-            try await withDatabase { database, _ in
-                let store = SQLiteUserStore(database: database)
+        @Test(arguments: DatabaseBackend.allCases)
+        func deleteAndRecordLogin(_ backend: DatabaseBackend) async throws {
+            try await withTestDatabase(backend) { (database: TestDatabase) async throws in
+                let store = database.users
                 _ = try await store.create(
                     username: "john", email: "john@example.com", passwordHash: "h", quotaMB: 1000, isAdmin: false)
                 let when = Date(timeIntervalSince1970: 1_761_207_300)
@@ -594,8 +590,9 @@ extension AccountTests {
             #expect(AccountError.invalidQuota(-5).description == "invalid quota: -5 MB (must be 0 to 1048576)")
         }
 
-        @Test func createValidatesAndMapsDuplicates() async throws {
-            try await withAccounts { accounts, store in
+        @Test(arguments: DatabaseBackend.allCases)
+        func createValidatesAndMapsDuplicates(_ backend: DatabaseBackend) async throws {
+            try await withAccounts(backend) { (accounts: AccountService, store: any UserStore) async throws in
                 let john = try await accounts.create(username: "john", email: "john@example.com", password: "MyP@ssw0rd")
                 #expect(john.id == 1)
                 #expect(john.quotaMB == 1000)
@@ -630,8 +627,9 @@ extension AccountTests {
             }
         }
 
-        @Test func updatesDeleteInfoAndList() async throws {
-            try await withAccounts { accounts, _ in
+        @Test(arguments: DatabaseBackend.allCases)
+        func updatesDeleteInfoAndList(_ backend: DatabaseBackend) async throws {
+            try await withAccounts(backend) { (accounts: AccountService, _: any UserStore) async throws in
                 _ = try await accounts.create(username: "john", email: "john@example.com", password: "MyP@ssw0rd")
                 _ = try await accounts.create(username: "jane", email: "jane@example.com", password: "MyP@ssw0rd")
 
@@ -671,9 +669,10 @@ extension AccountTests {
             }
         }
 
-        @Test func authenticate() async throws {
-            try await withDatabase { database, _ in
-                let store = SQLiteUserStore(database: database)
+        @Test(arguments: DatabaseBackend.allCases)
+        func authenticate(_ backend: DatabaseBackend) async throws {
+            try await withTestDatabase(backend) { (database: TestDatabase) async throws in
+                let store = database.users
                 let hasher = CountingHasher(inner: cheapHasher())
                 let accounts = AccountService(users: store, hasher: hasher)
                 _ = try await accounts.create(username: "john", email: "john@example.com", password: "MyP@ssw0rd")
@@ -723,8 +722,9 @@ extension AccountTests {
             #expect(first.hasPrefix("$argon2id$v=19$m=1024,t=1,p=1$"))
         }
 
-        @Test func ensureAdminGeneratesAPasswordOnceWhenEmpty() async throws {
-            try await withAccounts { accounts, store in
+        @Test(arguments: DatabaseBackend.allCases)
+        func ensureAdminGeneratesAPasswordOnceWhenEmpty(_ backend: DatabaseBackend) async throws {
+            try await withAccounts(backend) { (accounts: AccountService, store: any UserStore) async throws in
                 let generated = try #require(
                     try await accounts.ensureAdmin(username: "admin", email: "admin@localhost", password: nil))
                 #expect(generated.count == 20)
@@ -739,8 +739,9 @@ extension AccountTests {
             }
         }
 
-        @Test func ensureAdminWithAGivenPassword() async throws {
-            try await withAccounts { (accounts: AccountService, store: SQLiteUserStore) async throws in
+        @Test(arguments: DatabaseBackend.allCases)
+        func ensureAdminWithAGivenPassword(_ backend: DatabaseBackend) async throws {
+            try await withAccounts(backend) { (accounts: AccountService, store: any UserStore) async throws in
                 await #expect(throws: AccountError.weakPassword("must be 8 to 1024 characters")) {
                     _ = try await accounts.ensureAdmin(username: "admin", email: "admin@localhost", password: "weak")
                 }
@@ -750,7 +751,7 @@ extension AccountTests {
                 #expect(try await accounts.authenticate(login: "admin", password: "Adm1n!pass") != nil)
             }
             // A table with an ordinary user only is not empty either.
-            try await withAccounts { accounts, store in
+            try await withAccounts(backend) { (accounts: AccountService, store: any UserStore) async throws in
                 _ = try await accounts.create(username: "john", email: "john@example.com", password: "MyP@ssw0rd")
                 #expect(try await accounts.ensureAdmin(username: "admin", email: "admin@localhost", password: nil) == nil)
                 #expect(try await store.user(named: "admin") == nil)

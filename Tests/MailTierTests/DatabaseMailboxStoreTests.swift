@@ -40,18 +40,20 @@ private func indexEntry(_ mailbox: String, _ id: String, location: String, size:
 }
 
 @Suite struct DatabaseMailboxStoreTests {
-    @Test func schemaIsAtVersionTwoAndReopensWithItsRows() async throws {
+    @Test func schemaIsCurrentAndReopensWithItsRows() async throws {
         var template = Array((NSTemporaryDirectory() + "/mailtier-dbstore-XXXXXX").utf8CString)
         let directory = String(cString: try #require(mkdtemp(&template)))
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/smtp.db"
         do {
             let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
-            #expect(try database.readSync { try SQLiteSchema.userVersion($0) } == 2)
+            #expect(try database.readSync { try SQLiteSchema.userVersion($0) } == SQLiteSchema.currentVersion)
+            #expect(database.migrationsApplied == Array(1...SQLiteSchema.currentVersion))
             #expect(try await SQLiteMailboxStore(database: database).deliver(dbMessage("Kept"), dbDelivery(alice, "msg_reopen")))
         }
         let reopened = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
-        #expect(try reopened.readSync { try SQLiteSchema.userVersion($0) } == 2)
+        #expect(try reopened.readSync { try SQLiteSchema.userVersion($0) } == SQLiteSchema.currentVersion)
+        #expect(reopened.migrationsApplied == [])
         let store: any MailboxStore = SQLiteMailboxStore(database: reopened)
         #expect(try await store.list(mailbox: alice, folder: "INBOX", offset: 0, limit: 10).messages.map(\.subject) == ["Kept"])
     }
@@ -62,17 +64,19 @@ private func indexEntry(_ mailbox: String, _ id: String, location: String, size:
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/smtp.db"
         do {
-            // Make a version-1 file: today's schema without what migration 2 added.
+            // Make a version-1 file: today's schema without what migrations 2 and 3 added.
             let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
             _ = try await SQLiteUserStore(database: database).create(username: "alice", email: alice, passwordHash: "x", quotaMB: 10, isAdmin: false)
             try database.writeSync { connection in
                 try connection.execute("DROP TABLE messages_fts")
                 try connection.execute("DROP TABLE messages")
+                try connection.execute("DROP TABLE events")
                 try connection.execute("PRAGMA user_version = 1")
             }
         }
         let upgraded = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
-        #expect(try upgraded.readSync { try SQLiteSchema.userVersion($0) } == 2)
+        #expect(try upgraded.readSync { try SQLiteSchema.userVersion($0) } == SQLiteSchema.currentVersion)
+        #expect(upgraded.migrationsApplied == [2, 3])
         #expect(try await SQLiteUserStore(database: upgraded).user(named: "alice")?.email == alice)
         let store: any SearchableMailboxStore = SQLiteMailboxStore(database: upgraded)
         #expect(try await store.deliver(dbMessage("Upgraded"), dbDelivery(alice, "msg_upgraded")))

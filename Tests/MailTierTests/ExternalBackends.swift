@@ -29,7 +29,7 @@ enum ExternalBackends {
         case .postgresDatabase:
             guard let url = variable("MAILTIER_TEST_POSTGRES_URL") else { return nil }
             let schema = "contract_\(UInt32.random(in: 0...UInt32.max))"
-            let database = try PostgresDatabase(url: url, schema: schema)
+            let database = try PostgresDatabase(url: url, schema: schema, limits: .patient)
             let runner = Task { await database.run() }
             try await database.migrate()
             return StoreUnderTest(store: PostgresMailboxStore(database: database)) {

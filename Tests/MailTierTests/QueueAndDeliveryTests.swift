@@ -12,15 +12,16 @@ import Testing
 @testable import MailTierFiles
 @testable import MailTierSQLite
 
-// The ingress and delivery services against real parts: a SQLite file, a spool directory and
-// maildirs in a temporary directory, and libargon2 (cheap parameters).
+// The ingress and delivery services against real parts: a SQLite file or a PostgreSQL schema (each
+// case runs on both), a spool directory and maildirs in a temporary directory, and libargon2
+// (cheap parameters).
 
-/// Everything embedded mode wires together, in a temporary directory.
+/// Everything embedded mode wires together, in a temporary directory, on `database`.
 private struct Embedded {
     let directory: String
     let configuration: Configuration
-    let database: SQLiteDatabase
-    let queue: SQLiteMessageQueue
+    let database: TestDatabase
+    let queue: any MessageQueue
     let spool: SpoolBlobStore
     let mailboxes: MaildirStore
     let accounts: AccountService
@@ -28,7 +29,7 @@ private struct Embedded {
     let delivery: DeliveryService
     let quota: QuotaChecker
 
-    init(localDomains: [String] = ["example.test"]) throws {
+    init(database: TestDatabase, localDomains: [String] = ["example.test"]) throws {
         var template = Array((NSTemporaryDirectory() + "/mailtier-queue-XXXXXX").utf8CString)
         guard let made = mkdtemp(&template) else { throw POSIXError(.EIO) }
         directory = String(cString: made)
@@ -40,12 +41,12 @@ private struct Embedded {
         configuration.storagePath = directory + "/mail"
         self.configuration = configuration
         let pool = NIOThreadPool.singleton
-        database = try SQLiteDatabase(path: configuration.dbPath, threadPool: pool)
-        queue = SQLiteMessageQueue(database: database)
+        self.database = database
+        queue = database.queue
         spool = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: pool)
         mailboxes = MaildirStore(root: configuration.storagePath, hostname: "test-host", threadPool: pool)
         accounts = AccountService(
-            users: SQLiteUserStore(database: database),
+            users: database.users,
             hasher: Argon2idHasher(threadPool: pool, parameters: .init(timeCost: 1, memoryKiB: 1024, parallelism: 1)))
         let logger = Logger(label: "test")
         quota = QuotaChecker(mailboxes: mailboxes, cacheLifetime: .zero)
@@ -72,22 +73,24 @@ private struct Embedded {
     let session = SMTPSessionInfo(clientAddress: "192.0.2.7", clientPort: 40000)
 
     func count(_ sql: String) async throws -> Int64 {
-        try await database.read { db in try db.query(sql).first?.int("n") ?? -1 }
+        try await database.int(sql) ?? -1
     }
 
     func maildir(_ email: String) throws -> [String] { try mailboxes.messageFiles(of: email) }
 }
 
-private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws {
-    let embedded = try Embedded()
-    defer { embedded.remove() }
-    try await body(embedded)
+private func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws -> Void) async throws {
+    try await withTestDatabase(backend) { database in
+        let embedded = try Embedded(database: database)
+        defer { embedded.remove() }
+        try await body(embedded)
+    }
 }
 
 @Suite("Queue and delivery") struct QueueAndDeliveryTests {
-    @Test("routing: local users, local domains, relaying, postmaster")
-    func routing() async throws {
-        try await withEmbedded { e in
+    @Test("routing: local users, local domains, relaying, postmaster", arguments: DatabaseBackend.allCases)
+    func routing(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "admin", email: "admin@example.test", password: "Adm1n-Passw0rd", quotaMB: 10, isAdmin: true)
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             _ = try await e.accounts.create(username: "carol", email: "carol@elsewhere.example", password: "Car0l-Passw0rd", quotaMB: 10, isAdmin: false)
@@ -110,9 +113,9 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("accept: blob first with a Received header, then the rows; then delivery into maildir, once")
-    func acceptAndDeliver() async throws {
-        try await withEmbedded { e in
+    @Test("accept: blob first with a Received header, then the rows; then delivery into maildir, once", arguments: DatabaseBackend.allCases)
+    func acceptAndDeliver(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             let content = ByteBuffer(string: "Subject: Hello\r\n there\r\n\r\nBody line\r\n")
             guard case .queued(let id) = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: content, session: e.session) else {
@@ -124,12 +127,12 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
             let text = String(buffer: blob)
             #expect(text.hasPrefix("Received: from client.example ([192.0.2.7])\r\n\tby mail.example.test (MailTier) with ESMTP id \(id)\r\n\tfor <alice@example.test>; "))
             #expect(text.hasSuffix("\r\nSubject: Hello\r\n there\r\n\r\nBody line\r\n"))
-            let row = try await e.database.read { db in try db.query("SELECT * FROM queue_messages WHERE id = ?", [.text(id)]).first }
-            #expect(row?.string("subject") == "Hello there")
-            #expect(row?.string("client_ip") == "192.0.2.7")
-            #expect(row?.int("size_bytes") == Int64(blob.readableBytes))
+            let row = "FROM queue_messages WHERE id = '\(id)'"
+            #expect(try await e.database.text("SELECT subject \(row)") == "Hello there")
+            #expect(try await e.database.text("SELECT client_ip \(row)") == "192.0.2.7")
+            #expect(try await e.database.int("SELECT size_bytes \(row)") == Int64(blob.readableBytes))
             let digest = SHA256.hash(data: Array(blob.readableBytesView)).map { String(format: "%02x", $0) }.joined()
-            #expect(row?.string("sha256") == digest)
+            #expect(try await e.database.text("SELECT sha256 \(row)") == digest)
             #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_recipients WHERE status = 'pending'") == 1)
 
             #expect(try await e.delivery.runOnce() == 1)
@@ -143,9 +146,9 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("a spool failure is a 451 and leaves no rows")
-    func spoolFailure() async throws {
-        try await withEmbedded { e in
+    @Test("a spool failure is a 451 and leaves no rows", arguments: DatabaseBackend.allCases)
+    func spoolFailure(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             try FileManager.default.removeItem(atPath: e.configuration.spoolPath)
             try Data().write(to: URL(fileURLWithPath: e.configuration.spoolPath))  // a file where the directory was
@@ -156,11 +159,11 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("a database failure after the blob is a 451; the orphan blob is collected after the grace period")
-    func databaseFailure() async throws {
-        try await withEmbedded { e in
+    @Test("a database failure after the blob is a 451; the orphan blob is collected after the grace period", arguments: DatabaseBackend.allCases)
+    func databaseFailure(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
-            try await e.database.write { db in try db.execute("DROP TABLE queue_recipients") }
+            try await e.database.execute("DROP TABLE queue_recipients")
             let outcome = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session)
             guard case .rejected(let reply) = outcome else { Issue.record("queued"); return }
             #expect(reply == .storageFailure)
@@ -173,9 +176,9 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("a crash between the maildir write and the result does not deliver twice")
-    func idempotentRetry() async throws {
-        try await withEmbedded { e in
+    @Test("a crash between the maildir write and the result does not deliver twice", arguments: DatabaseBackend.allCases)
+    func idempotentRetry(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             guard case .queued = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session) else {
                 Issue.record("not queued")
@@ -197,9 +200,9 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("results are fenced by the lease token")
-    func fencing() async throws {
-        try await withEmbedded { e in
+    @Test("results are fenced by the lease token", arguments: DatabaseBackend.allCases)
+    func fencing(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             _ = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session)
             let first = try await e.queue.claimDue(now: Date(), limit: 10, lease: .seconds(1), localOnly: true, makeDeliveryKey: { "key-1" })
@@ -215,9 +218,9 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("retries back off and then fail; attempts are counted")
-    func retries() async throws {
-        try await withEmbedded { e in
+    @Test("retries back off and then fail; attempts are counted", arguments: DatabaseBackend.allCases)
+    func retries(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             guard case .queued(let id) = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: ByteBuffer(string: "x\r\n"), session: e.session) else {
                 Issue.record("not queued")
@@ -227,18 +230,17 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
             var now = Date()
             for attempt in 1...5 {
                 #expect(try await e.delivery.runOnce(now: now) == 1)
-                let row = try await e.database.read { db in try db.query("SELECT * FROM queue_recipients").first }
-                #expect(row?.int("attempts") == Int64(attempt))
-                #expect(row?.string("status") == (attempt < 5 ? "retry" : "failed"))
+                #expect(try await e.database.int("SELECT attempts FROM queue_recipients") == Int64(attempt))
+                #expect(try await e.database.text("SELECT status FROM queue_recipients") == (attempt < 5 ? "retry" : "failed"))
                 #expect(try await e.delivery.runOnce(now: now) == 0, "not due yet")
                 now = now.addingTimeInterval(40_000)
             }
         }
     }
 
-    @Test("quota: a full mailbox is refused at RCPT (452 4.2.2); a message that would overflow it is deferred, then failed")
-    func quota() async throws {
-        try await withEmbedded { e in
+    @Test("quota: a full mailbox is refused at RCPT (452 4.2.2); a message that would overflow it is deferred, then failed", arguments: DatabaseBackend.allCases)
+    func quota(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 1, isAdmin: false)
             let alice = ForwardPath.mailbox(Mailbox(localPart: "alice", domain: "example.test"))
             // 0.6 MB fits; a second one would not: deferred.
@@ -251,9 +253,8 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
             }
             #expect(try await e.delivery.runOnce() == 2)
             #expect(try e.maildir("alice@example.test").count == 1)
-            let deferred = try await e.database.read { db in try db.query("SELECT * FROM queue_recipients").first }
-            #expect(deferred?.string("status") == "retry")
-            #expect(deferred?.string("last_error") == "mailbox full (quota 1 MB)")
+            #expect(try await e.database.text("SELECT status FROM queue_recipients") == "retry")
+            #expect(try await e.database.text("SELECT last_error FROM queue_recipients") == "mailbox full (quota 1 MB)")
             #expect(await e.ingress.checkRecipient(alice, envelope: e.envelope(to: []), session: e.session) == nil, "not full yet")
             // Fill it: now RCPT is refused.
             try await e.accounts.setQuota(username: "alice", quotaMB: 0)
@@ -265,18 +266,73 @@ private func withEmbedded(_ body: (Embedded) async throws -> Void) async throws 
         }
     }
 
-    @Test("ETRN makes waiting recipients of a domain due; ATRN checks entitlement")
-    func etrnAndAtrn() async throws {
-        try await withEmbedded { e in
+    @Test("ETRN makes waiting recipients of a domain due; ATRN checks entitlement", arguments: DatabaseBackend.allCases)
+    func etrnAndAtrn(_ backend: DatabaseBackend) async throws {
+        try await withEmbedded(backend) { e in
             _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
             _ = await e.ingress.deliver(e.envelope(to: ["x@remote.example"], user: "alice"), content: ByteBuffer(string: "x\r\n"), session: e.session)
             #expect(try await e.queue.waitingCount(domain: "remote.example") == 1)
-            try await e.database.write { db in try db.execute("UPDATE queue_recipients SET next_retry = 9999999999") }
+            try await e.database.execute("UPDATE queue_recipients SET next_retry = 9999999999")
             #expect(await e.ingress.etrn(domain: "remote.example", session: e.session) == .queuingStarted("remote.example"))
             #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_recipients WHERE next_retry < 9999999999") == 1)
             #expect(await e.ingress.atrn(domains: ["remote.example"], user: "alice", session: e.session) == .atrnRefused("remote.example"))
             #expect(await e.ingress.atrn(domains: ["example.test"], user: "alice", session: e.session) == .noMail)
             #expect(try await e.delivery.runOnce() == 0, "remote recipients wait for the outbound transport")
         }
+    }
+    @Test("PostgreSQL unreachable: RCPT and the end of data get 451 4.3.0 within the bound; 250 again once it is back, without a restart")
+    func postgresOutage() async throws {
+        guard let url = ExternalBackends.variable("MAILTIER_TEST_POSTGRES_URL"), var parts = URLComponents(string: url) else { return }
+        // The shared PostgreSQL keeps running: the client reaches it through a proxy, which goes away.
+        let proxy = TCPProxy(to: parts.host ?? "127.0.0.1", port: parts.port ?? 5432)
+        try await proxy.start()
+        parts.port = proxy.port
+        try await withPostgresSchema(url: try #require(parts.string), limits: .init()) { postgres in  // the production bounds
+            let e = try Embedded(database: TestDatabase(backend: .postgres, sqlite: nil, postgres: postgres))
+            defer { e.remove() }
+            _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
+            let alice = ForwardPath.mailbox(Mailbox(localPart: "alice", domain: "example.test"))
+            let content = ByteBuffer(string: "Subject: outage\r\n\r\nx\r\n")
+            guard case .queued = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: content, session: e.session) else {
+                Issue.record("not queued while PostgreSQL is reachable")
+                return
+            }
+
+            await proxy.stop()
+            let bound = postgres.limits.connectionWait
+            let clock = ContinuousClock()
+            var reply: SMTPReply?
+            let rcptTime = await clock.measure {
+                reply = await e.ingress.checkRecipient(alice, envelope: e.envelope(to: []), session: e.session)
+            }
+            #expect(reply?.code == 451 && reply?.enhancedCode == EnhancedStatusCode(4, 3, 0), "RCPT: \(String(describing: reply))")
+            #expect(rcptTime < bound + .seconds(2), "RCPT answered after \(rcptTime)")
+            var outcome: SMTPDeliveryOutcome?
+            let dataTime = await clock.measure {
+                outcome = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: content, session: e.session)
+            }
+            guard case .rejected(let rejection) = outcome else {
+                Issue.record("queued while PostgreSQL is unreachable")
+                return
+            }
+            #expect(rejection == .storageFailure && rejection.code == 451 && rejection.enhancedCode == EnhancedStatusCode(4, 3, 0))
+            #expect(dataTime < bound + .seconds(2), "the end of data was answered after \(dataTime)")
+            #expect(try await e.spool.list().count == 1, "nothing was spooled for the refused message")
+
+            // Back: the pool reconnects by itself.
+            try await proxy.start()
+            let reconnect = clock.now
+            var queued = false
+            while !queued && clock.now - reconnect < .seconds(30) {
+                if case .queued = await e.ingress.deliver(e.envelope(to: ["alice@example.test"]), content: content, session: e.session) {
+                    queued = true
+                } else {
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+            }
+            #expect(queued, "still refused 30 s after PostgreSQL came back")
+            #expect(try await e.count("SELECT COUNT(*) AS n FROM queue_messages") >= 2)
+        }
+        await proxy.stop()
     }
 }

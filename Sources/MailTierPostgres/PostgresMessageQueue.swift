@@ -1,0 +1,144 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import MailTier
+import PostgresNIO
+
+/// The queue in PostgreSQL (cluster mode): `queue_messages` and `queue_recipients` of
+/// `PostgresDatabase.migrations` (version 2), with the semantics of `SQLiteMessageQueue`, for
+/// many ingress and delivery processes at once:
+///
+/// - `enqueue` is one statement (a data-modifying CTE inserting the message and all its
+///   recipients), hence one transaction, committed before the caller answers 250;
+/// - `claimDue` locks due rows with `FOR UPDATE SKIP LOCKED`, so concurrent workers never claim
+///   the same job and never wait for each other, and gives each a fresh lease token;
+/// - every result is written `WHERE id = $1 AND lease_token = $2` (fencing); a worker whose
+///   lease expired and was claimed again changes nothing;
+/// - `record` locks the message rows it touches first (in id order), so two workers recording
+///   the last two recipients of one message cannot both miss that it is finished.
+public struct PostgresMessageQueue: MessageQueue {
+    public let database: PostgresDatabase
+
+    public init(database: PostgresDatabase) {
+        self.database = database
+    }
+
+    public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
+        let clean = PostgresSearchText.withoutNUL
+        try await database.query(
+            """
+            WITH message AS (
+                INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, smtputf8, body_type,
+                    deliver_by, by_mode, client_ip, helo, auth_user, created_at)
+                VALUES (\(message.id), \(message.blobKey), \(message.sha256), \(Int64(message.sizeBytes)),
+                    \(clean(message.mailFrom)), \(message.subject.map(clean)), \(message.smtputf8), \(message.bodyType),
+                    \(message.deliverBy?.unixSeconds), \(message.deliverByMode), \(clean(message.clientAddress)),
+                    \(clean(message.heloName)), \(message.authenticatedUser.map(clean)), \(message.createdAt.unixSeconds))
+                RETURNING id, created_at, deliver_by
+            )
+            INSERT INTO queue_recipients (message_id, recipient, domain, is_local, status, attempts, max_attempts,
+                next_retry, deliver_by)
+            SELECT message.id, r.recipient, r.domain, r.is_local, 'pending', 0, \(maxAttempts), message.created_at,
+                message.deliver_by
+            FROM message, unnest(\(recipients.map(\.address))::text[], \(recipients.map(\.domain))::text[],
+                \(recipients.map(\.isLocal))::boolean[]) AS r(recipient, domain, is_local)
+            """)
+    }
+
+    public func claimDue(
+        now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String
+    ) async throws -> [DeliveryJob] {
+        let nowSeconds = now.unixSeconds
+        let leaseUntil = nowSeconds + lease.components.seconds
+        return try await database.transaction { transaction in
+            let rows = try await transaction.query(
+                """
+                SELECT r.id, r.message_id, r.recipient, r.is_local, r.attempts, r.max_attempts, r.delivery_key,
+                       m.blob_key, m.mail_from, m.created_at
+                FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id
+                WHERE r.status IN ('pending', 'retry') AND r.next_retry <= \(nowSeconds)
+                  AND (r.lease_until IS NULL OR r.lease_until < \(nowSeconds))
+                  AND (r.is_local OR NOT \(localOnly))
+                ORDER BY r.next_retry, r.id
+                LIMIT \(limit)
+                FOR UPDATE OF r SKIP LOCKED
+                """)
+            var jobs: [DeliveryJob] = []
+            for row in rows {
+                let (id, messageID, recipient, isLocal, attempts, maxAttempts, deliveryKey, blobKey, mailFrom, createdAt) =
+                    try row.decode((Int64, String, String, Bool, Int, Int, String?, String, String, Int64).self)
+                jobs.append(
+                    DeliveryJob(
+                        id: id, messageID: messageID, blobKey: blobKey, mailFrom: mailFrom, recipient: recipient, isLocal: isLocal,
+                        attempts: attempts, maxAttempts: maxAttempts, leaseToken: MessageID.make(),
+                        deliveryKey: deliveryKey ?? makeDeliveryKey(), receivedAt: Date(unixSeconds: createdAt)))
+            }
+            guard !jobs.isEmpty else { return [] }
+            try await transaction.query(
+                """
+                UPDATE queue_recipients AS r SET lease_token = l.token, lease_until = \(leaseUntil), delivery_key = l.key
+                FROM unnest(\(jobs.map(\.id))::bigint[], \(jobs.map(\.leaseToken))::text[], \(jobs.map(\.deliveryKey))::text[])
+                    AS l(id, token, key)
+                WHERE r.id = l.id
+                """)
+            return jobs
+        }
+    }
+
+    public func record(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> [String] {
+        let clean = PostgresSearchText.withoutNUL
+        let messageIDs = Array(Set(outcomes.map(\.job.messageID))).sorted()
+        guard !messageIDs.isEmpty else { return [] }
+        let results = outcomes.map { ($0.job, $0.outcome.recipientUpdate) }
+        return try await database.transaction { transaction in
+            try await transaction.query(
+                "SELECT id FROM queue_messages WHERE id = ANY(\(messageIDs)::text[]) ORDER BY id FOR UPDATE")
+            var touched: [String] = []
+            for (job, update) in results {
+                let rows = try await transaction.query(
+                    """
+                    UPDATE queue_recipients SET status = \(update.status.rawValue), last_error = \(update.lastError.map(clean)),
+                        next_retry = COALESCE(\(update.nextRetry?.unixSeconds), next_retry),
+                        lease_token = NULL, lease_until = NULL, attempts = attempts + 1
+                    WHERE id = \(job.id) AND lease_token = \(job.leaseToken)
+                    RETURNING id
+                    """)
+                if !rows.isEmpty && !touched.contains(job.messageID) { touched.append(job.messageID) }
+            }
+            guard !touched.isEmpty else { return [] }
+            let finished = try await transaction.query(
+                """
+                DELETE FROM queue_messages AS m WHERE m.id = ANY(\(touched)::text[])
+                  AND NOT EXISTS (SELECT 1 FROM queue_recipients r WHERE r.message_id = m.id AND r.status <> 'delivered')
+                RETURNING m.blob_key
+                """)
+            return try finished.map { try $0.decode(String.self) }
+        }
+    }
+
+    public func releaseAllLeases() async throws {
+        try await database.query(
+            "UPDATE queue_recipients SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL")
+    }
+
+    public func makeDue(domain: String, now: Date) async throws -> Int {
+        try await database.query(
+            """
+            UPDATE queue_recipients SET next_retry = \(now.unixSeconds)
+            WHERE domain = \(domain) AND status IN ('pending', 'retry') RETURNING id
+            """
+        ).count
+    }
+
+    public func waitingCount(domain: String) async throws -> Int {
+        let rows = try await database.query(
+            "SELECT COUNT(*) FROM queue_recipients WHERE domain = \(domain) AND status IN ('pending', 'retry')")
+        return Int(try rows.first?.decode(Int64.self) ?? 0)
+    }
+
+    public func referencedBlobKeys() async throws -> Set<String> {
+        Set(try await database.query("SELECT blob_key FROM queue_messages").map { try $0.decode(String.self) })
+    }
+}
