@@ -67,7 +67,8 @@ func makeClient(
 ) -> RedisClient {
     RedisClient(
         configuration: .init(
-            endpoint: endpoint, connectTimeout: .seconds(1), commandTimeout: commandTimeout,
+            // Generous connect timeout: the full test run keeps both cores busy.
+            endpoint: endpoint, connectTimeout: .seconds(5), commandTimeout: commandTimeout,
             minimumBackoff: backoff, maximumBackoff: backoff * 4),
         logger: logger ?? testLogger())
 }

@@ -414,7 +414,8 @@ struct S3OfflineTests {
             let error = try #require(await s3Error { _ = try await client.getObject(key: "k") })
             #expect(error.code == "Timeout", "\(error)")
             #expect(error.isRetryable)
-            #expect(ContinuousClock.now - start < .seconds(5))
+            // The point is that it returns; a loaded machine stretches the 500 ms.
+            #expect(ContinuousClock.now - start < .seconds(20))
         }
         withExtendedLifetime(listener) {}
     }
