@@ -39,9 +39,10 @@ import Testing
         let counter = RedisRateCounter(client: client, namespace: uniqueNamespace())
         // Seconds, not milliseconds: the whole test run keeps both cores busy.
         let rule = RateRule(limit: 2, window: .seconds(3))
-        let first = try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: Date())
+        let now = Date()
+        let first = try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: now)
         #expect(first.allowed && first.remaining == 1)
-        #expect(first.resetAt.timeIntervalSinceNow > 0 && first.resetAt.timeIntervalSinceNow <= 3.0)
+        #expect(first.resetAt > now && first.resetAt <= now + 3.0)
         #expect(try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: Date()).allowed)
         let third = try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: Date())
         #expect(!third.allowed && third.remaining == 0 && !third.unavailable)
@@ -125,7 +126,7 @@ import Testing
         let started = ContinuousClock.now
         let hit = await limiter.hit(.message, key: "192.0.2.2", rule: rule, now: Date())
         let peek = await limiter.peek(.authFailure, key: "192.0.2.2", rule: rule, now: Date())
-        #expect(ContinuousClock.now - started < .seconds(3))
+        #expect(ContinuousClock.now - started < .seconds(10))
         for decision in [hit, peek] {
             #expect(!decision.allowed && decision.unavailable && decision.remaining == 0)
         }
