@@ -154,7 +154,10 @@ struct ClusterTests {
             #expect(!refused.isEmpty, "no 451 while PostgreSQL was down")
             #expect(refused.allSatisfy { $0.error?.contains("4.3.0") == true }, "\(refused.prefix(3))")
             #expect(results.contains { $0.code == 250 && $0.start > restartedAt + 1 }, "not accepting again after the restart")
-            #expect(results.allSatisfy { $0.code == 250 || $0.code == 451 }, "\(results.filter { $0.code != 250 && $0.code != 451 }.prefix(5))")
+            // Every answer is a 250 or a 451. A session cut while PostgreSQL went down may end
+            // without an answer (never acknowledged, so nothing is owed); a few at most.
+            let other = results.filter { $0.code != 250 && $0.code != 451 }
+            #expect(other.allSatisfy { $0.code == nil } && other.count <= 2, "\(other.prefix(5))")
             #expect(node.isRunning && node.runCount == 1)
 
             let rows = try await psqlRows(url, "SELECT json_agg(t) FROM (SELECT id FROM queue_messages) t")
