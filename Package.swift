@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
     ],
     targets: [
         // C libraries, through the system's -dev packages.
@@ -92,10 +93,19 @@ let package = Package(
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres", "MailTierRedis",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "PostgresNIO", package: "postgres-nio"),
+        ]),
+        // 5. The HTTP side: GET /health (every role), later the admin REST API.
+        .target(name: "AdminAPI", dependencies: [
+            "MailTier",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         // 6. Executables: thin.
         .executableTarget(name: "smtp-server", dependencies: [
-            "MailTier", "MailTierBootstrap", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
+            "MailTier", "MailTierBootstrap", "AdminAPI", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
             "MailTierRedis", "SMTPNIO",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
@@ -125,6 +135,11 @@ let package = Package(
             .product(name: "MetricsTestKit", package: "swift-metrics"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "InMemoryLogging", package: "swift-log"),
+        ]),
+        .testTarget(name: "AdminAPITests", dependencies: [
+            "AdminAPI", "MailTier",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdTesting", package: "hummingbird"),
         ]),
         .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],

@@ -44,6 +44,7 @@ public final class SMTPServer: Service, Sendable {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
+    private let acceptedConnections = NIOLockedValueBox(0)
     private let boundAddress = NIOLockedValueBox<SocketAddress?>(nil)
 
     public init(
@@ -62,6 +63,9 @@ public final class SMTPServer: Service, Sendable {
 
     /// Connections open right now.
     public var activeConnections: Int { connections.withLockedValue { $0.count } }
+
+    /// Connections accepted since `run()` started, including those refused for being too many.
+    public var totalConnections: Int { acceptedConnections.withLockedValue { $0 } }
 
     public func run() async throws {
         let serverChannel = try await ServerBootstrap(group: group)
@@ -101,6 +105,7 @@ public final class SMTPServer: Service, Sendable {
 
     private func initialize(_ channel: any Channel) throws {
         let id = ObjectIdentifier(channel)
+        acceptedConnections.withLockedValue { $0 += 1 }
         let admitted = connections.withLockedValue { open -> Bool in
             guard open.count < configuration.maxConnections else { return false }
             open[id] = channel

@@ -2,6 +2,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import AdminAPI
 import Foundation
 import Logging
 import MailTier
@@ -40,9 +41,6 @@ do {
     configuration = try Configuration.load(from: ProcessInfo.processInfo.environment)
 } catch {
     fail(error.description)
-}
-guard migrateOnly || configuration.role == .all || configuration.role == .ingress || configuration.role == .delivery else {
-    fail("SMTP_ROLE: \"\(configuration.role.rawValue)\" is not available in this version (all, ingress, delivery are)")
 }
 
 let logLevel = configuration.loggerLevel
@@ -123,23 +121,25 @@ do {
 let doorbell = Doorbell()
 // The Redis client first: a ServiceGroup stops its services in reverse order.
 var services: [any Service] = redis.client.map { [$0] } ?? []
+var smtpServer: SMTPServer?
 if configuration.role == .all || configuration.role == .ingress {
     let ingress = IngressService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
         newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter, logger: logger)
-    services.append(
-        SMTPServer(
-            configuration: .init(
-                host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
-                idleTimeout: .seconds(Int64(configuration.timeoutSeconds)),
-                shutdownGrace: .seconds(Int64(configuration.shutdownGraceSeconds)),
-                trustedProxies: configuration.trustedProxies,
-                session: SMTPServerConfiguration(
-                    hostname: configuration.hostname, maxMessageSize: configuration.maxMessageSize,
-                    maxRecipients: configuration.maxRecipients, tlsAvailable: tlsContext != nil,
-                    authRequired: configuration.enableAuth, deliverByMinimum: configuration.deliverByMinSeconds,
-                    checksConnections: ingress.checksConnections, checksCommands: ingress.checksCommands)),
-            delegate: ingress, tlsContext: tlsContext, logger: logger))
+    let server = SMTPServer(
+        configuration: .init(
+            host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
+            idleTimeout: .seconds(Int64(configuration.timeoutSeconds)),
+            shutdownGrace: .seconds(Int64(configuration.shutdownGraceSeconds)),
+            trustedProxies: configuration.trustedProxies,
+            session: SMTPServerConfiguration(
+                hostname: configuration.hostname, maxMessageSize: configuration.maxMessageSize,
+                maxRecipients: configuration.maxRecipients, tlsAvailable: tlsContext != nil,
+                authRequired: configuration.enableAuth, deliverByMinimum: configuration.deliverByMinSeconds,
+                checksConnections: ingress.checksConnections, checksCommands: ingress.checksCommands)),
+        delegate: ingress, tlsContext: tlsContext, logger: logger)
+    smtpServer = server
+    services.append(server)
 }
 if configuration.role == .all || configuration.role == .delivery {
     services.append(
@@ -148,6 +148,19 @@ if configuration.role == .all || configuration.role == .delivery {
             settings: .init(exclusive: configuration.role == .all && configuration.databaseURL == nil, pollInterval: .seconds(configuration.queuePollSeconds)),
             doorbell: doorbell, quota: (accounts.users, quota), logger: logger))
 }
+
+// GET /health in every role (the only service of `admin` for now). After the Redis client and
+// before the roles, so it answers until the roles have stopped.
+let listener = smtpServer
+let health = HealthEndpoint(
+    checks: HealthChecks([
+        HealthCheck("database") { try await storage.pingDatabase() },
+        HealthCheck("spool") { try await storage.pingSpool() },
+    ]),
+    connections: { listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0) })
+services.insert(
+    AdminAPI.application(host: configuration.host, port: configuration.healthPort, health: health, logger: logger),
+    at: redis.client == nil ? 0 : 1)
 
 let group = ServiceGroup(
     configuration: .init(
