@@ -5,6 +5,9 @@
 #   haproxy (TCP, send-proxy-v2)              the load balancer, on $CLUSTER_SMTP_PORT (2525)
 #   ingress-1, ingress-2                      SMTP_ROLE=ingress behind haproxy
 #   delivery                                  SMTP_ROLE=delivery
+#   admin                                     SMTP_ROLE=admin (for now only GET /health)
+#
+# Every node answers GET /health on its own health port (8101-8104).
 #
 #   scripts/cluster.sh start    # builds if needed, starts everything, prints where things are
 #   scripts/cluster.sh stop
@@ -12,7 +15,7 @@
 #   scripts/cluster.sh env      # the variables every node runs with (to run user-cli against the cluster)
 #
 # Any SMTP_* variable set when calling `start` applies to every node (e.g. SMTP_RATE_*).
-# Logs: .cluster/logs/<node>.log. The admin API node joins when the admin role exists (issue 6).
+# Logs: .cluster/logs/<node>.log. The admin node gets the REST API with issue 6.
 set -euo pipefail
 
 top="$(cd "$(dirname "$0")/.." && pwd)"
@@ -30,6 +33,7 @@ nodes=(
     "ingress-1:ingress:2601:8101:8201"
     "ingress-2:ingress:2602:8102:8202"
     "delivery:delivery:2603:8103:8203"
+    "admin:admin:2604:8104:8204"
 )
 
 services() {
@@ -89,14 +93,17 @@ start_node() {
         nohup "$binary" >>"$dir/logs/$name.log" 2>&1 &
         echo $! >"$pidfile"
     )
-    # Ready when it says so in its log (a direct probe from 127.0.0.1 would need a PROXY header).
+    # Ready when it says so in its log (a direct SMTP probe from 127.0.0.1 would need a PROXY
+    # header); the admin node when its /health answers (200 or 503).
     for _ in $(seq 1 100); do
         if [ "$role" = ingress ] && grep -q "SMTP listening" "$dir/logs/$name.log"; then return 0; fi
-        if [ "$role" != ingress ] && grep -q "delivery started" "$dir/logs/$name.log"; then return 0; fi
+        if [ "$role" = delivery ] && grep -q "delivery started" "$dir/logs/$name.log"; then return 0; fi
+        if [ "$role" = admin ] && curl -s -o /dev/null --max-time 5 "http://127.0.0.1:$health/health"; then return 0; fi
         kill -0 "$(cat "$pidfile")" 2>/dev/null || { echo "cluster: $name exited:" >&2; tail -20 "$dir/logs/$name.log" >&2; exit 1; }
         sleep 0.2
     done
     [ "$role" = ingress ] && { echo "cluster: $name did not start listening" >&2; tail -20 "$dir/logs/$name.log" >&2; exit 1; }
+    [ "$role" = admin ] && { echo "cluster: $name does not answer GET /health" >&2; tail -20 "$dir/logs/$name.log" >&2; exit 1; }
     return 0
 }
 
@@ -171,7 +178,11 @@ start)
     echo "  SMTP (haproxy, PROXY v2 to the ingress nodes)  127.0.0.1:$smtp_port"
     for node in "${nodes[@]}"; do
         IFS=: read -r name role port health _ <<<"$node"
-        echo "  $name ($role)  smtp 127.0.0.1:$port  log .cluster/logs/$name.log"
+        if [ "$role" = ingress ]; then
+            echo "  $name ($role)  smtp 127.0.0.1:$port  health http://127.0.0.1:$health/health  log .cluster/logs/$name.log"
+        else
+            echo "  $name ($role)  health http://127.0.0.1:$health/health  log .cluster/logs/$name.log"
+        fi
     done
     echo "  PostgreSQL  $SMTP_DATABASE_URL"
     echo "  Redis       $SMTP_REDIS_URL"
