@@ -273,7 +273,8 @@ final class Cluster {
         settings.merge(overrides) { _, new in new }
         let node = try ServerHarness(overrides: settings)
         nodes.append(node)
-        try await node.start(timeout: .seconds(60), readyLine: role == "delivery" ? "delivery started" : nil)
+        let readyLine = ["delivery": "delivery started", "admin": "Server started and listening"][role]
+        try await node.start(timeout: .seconds(60), readyLine: readyLine)
         return node
     }
 

@@ -117,4 +117,35 @@ struct HealthEndpointIntegrationTests {
         }
         await h.cleanup()
     }
+
+    @Test("cluster mode: ingress, delivery and admin report PostgreSQL and S3 ok; a missing bucket gives 503 naming it")
+    func clusterRoles() async throws {
+        guard let cluster = try await Cluster.make() else { return }
+        do {
+            for role in ["ingress", "delivery", "admin"] {
+                let node = try await cluster.addNode(role: role)
+                // The schema is migrated beside the start: until then the database check fails.
+                var last: HealthAnswer?
+                let healthy = try await poll(timeout: .seconds(30), interval: .milliseconds(250)) {
+                    last = try await node.getHealth()
+                    return last?.status == 200
+                }
+                #expect(healthy, "\(role): \(last?.text ?? "no answer")")
+                #expect(last?.checks == ["database": "ok", "spool": "ok"], "\(role): \(last?.text ?? "")")
+                #expect(last?.headers["x-api-version"] == "1.0")
+            }
+            let missing = "mailtier-missing-\(UUID().uuidString.prefix(8).lowercased())"
+            let node = try await cluster.addNode(role: "admin", ["SMTP_S3_BUCKET": missing])
+            let answer = try await node.getHealth()
+            #expect(answer.status == 503, "\(answer.text)")
+            #expect(answer.body["status"] as? String == "unhealthy")
+            #expect(answer.checks["spool"]?.contains("NoSuchBucket") == true, "\(answer.text)")
+            #expect(node.isRunning)
+        } catch {
+            Issue.record("logs:\n\(cluster.nodes.map { $0.logTail(30) }.joined(separator: "\n"))")
+            await cluster.cleanup()
+            throw error
+        }
+        await cluster.cleanup()
+    }
 }
