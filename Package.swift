@@ -25,6 +25,7 @@ let package = Package(
         .systemLibrary(name: "CArgon2", pkgConfig: "libargon2", providers: [.apt(["libargon2-dev"])]),
         // No pkgConfig: hiredis's .pc file carries -D_FILE_OFFSET_BITS=64, which SwiftPM refuses.
         .systemLibrary(name: "CHiredis", providers: [.apt(["libhiredis-dev"])]),
+        .systemLibrary(name: "CAres", pkgConfig: "libcares", providers: [.apt(["libc-ares-dev"])]),
 
         // 1. Pure SMTP: grammar, replies, state machines. NIOCore only (ByteBuffer).
         .target(name: "SMTPProtocol", dependencies: [
@@ -88,6 +89,10 @@ let package = Package(
             "MailTier", "CArgon2",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        .target(name: "MailTierDNS", dependencies: [
+            "MailTier", "CAres",
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // Wiring shared by the executables: which adapters a configuration selects.
         .target(name: "MailTierBootstrap", dependencies: [
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres", "MailTierRedis",
@@ -140,6 +145,10 @@ let package = Package(
             "AdminAPI", "MailTier",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdTesting", package: "hummingbird"),
+        ]),
+        .testTarget(name: "MailTierDNSTests", dependencies: [
+            "MailTierDNS", "MailTier",
+            .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],

