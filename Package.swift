@@ -93,6 +93,14 @@ let package = Package(
             "MailTier", "CAres",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        .target(name: "MailTierOutbound", dependencies: [
+            "MailTier", "SMTPNIO", "SMTPProtocol",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         // Wiring shared by the executables: which adapters a configuration selects.
         .target(name: "MailTierBootstrap", dependencies: [
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres", "MailTierRedis",
@@ -111,7 +119,7 @@ let package = Package(
         // 6. Executables: thin.
         .executableTarget(name: "smtp-server", dependencies: [
             "MailTier", "MailTierBootstrap", "AdminAPI", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
-            "MailTierRedis", "SMTPNIO",
+            "MailTierRedis", "SMTPNIO", "MailTierDNS", "MailTierOutbound",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         .executableTarget(name: "user-cli", dependencies: [

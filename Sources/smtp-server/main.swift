@@ -8,7 +8,9 @@ import Logging
 import MailTier
 import MailTierArgon2
 import MailTierBootstrap
+import MailTierDNS
 import MailTierFiles
+import MailTierOutbound
 import MailTierPostgres
 import MailTierRedis
 import MailTierS3
@@ -142,11 +144,17 @@ if configuration.role == .all || configuration.role == .ingress {
     services.append(server)
 }
 if configuration.role == .all || configuration.role == .delivery {
+    // Remote recipients: MX hosts through libc-ares (SMTP_DNS_SERVERS) or SMTP_RELAY_HOST, then
+    // outbound SMTP. Added before delivery, so the group stops it (closing pooled connections) after.
+    let transport = SMTPRemoteTransport(
+        settings: .init(configuration: configuration), resolver: CAresResolver(servers: configuration.dnsServers),
+        logger: logger)
+    services.append(transport)
     services.append(
         DeliveryService(
             queue: queue, spool: spool, mailboxes: mailboxes,
             settings: .init(configuration: configuration, exclusive: configuration.role == .all && configuration.databaseURL == nil),
-            doorbell: doorbell, quota: (accounts.users, quota),
+            doorbell: doorbell, quota: (accounts.users, quota), remote: transport,
             // Bounces (RFC 3464 DSNs) to the senders of recipients that failed for good.
             notifier: BounceService(
                 configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
