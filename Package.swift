@@ -50,6 +50,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         // 4. Adapters.
         .target(name: "MailTierSQLite", dependencies: [
@@ -137,6 +138,7 @@ let package = Package(
         .testTarget(name: "MailTierTests", dependencies: [
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
             .product(name: "PostgresNIO", package: "postgres-nio"),
+            .product(name: "MetricsTestKit", package: "swift-metrics"),
         ]),
         .testTarget(name: "MailTierS3Tests", dependencies: ["MailTierS3", "MailTier"]),
         .testTarget(name: "MailTierPostgresTests", dependencies: ["MailTierPostgres", "MailTier"]),

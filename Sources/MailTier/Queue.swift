@@ -112,8 +112,15 @@ public protocol MessageQueue: Sendable {
         -> [DeliveryJob]
     /// Records outcomes in one transaction, each fenced by its lease token (a job whose lease was lost
     /// is left alone). Messages whose every recipient is now delivered are removed; their blob keys
-    /// are returned, to be deleted after the commit.
-    func record(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> [String]
+    /// are returned, to be deleted after the commit. In the same transaction, the `message.sent` and
+    /// `message.failed` events of the results written go into `events` (`OutboxEvent.deliveryEvents`).
+    func recordOutcomes(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> RecordedOutcomes
+    /// Extends the leases of `jobs` still held by their tokens to `until`; returns the ids of those
+    /// renewed (a job missing lost its lease: its result will not be recorded).
+    func renewLeases(_ jobs: [DeliveryJob], until: Date) async throws -> Set<Int64>
+    /// Gives up the leases of `jobs` still held by their tokens (unfinished at shutdown): they are
+    /// due again at once, for another worker, and their attempt is not counted.
+    func releaseLeases(_ jobs: [DeliveryJob]) async throws
     /// Drops every lease (embedded mode at start: no other worker can hold one).
     func releaseAllLeases() async throws
     /// ETRN: makes every waiting recipient at `domain` due now. Returns how many.
@@ -149,6 +156,17 @@ extension DeliveryOutcome {
         }
     }
 }
+    /// The queue view: messages with a recipient not delivered yet, oldest first, filtered by
+    /// their aggregated status (`QueueMessageStatus`), `limit` from `offset`, with the total.
+    func list(status: QueueMessageStatus?, offset: Int, limit: Int) async throws -> QueuePage
+    /// Makes every waiting (pending or retry) recipient of the message due at `now`. False when
+    /// there is no such message or none of its recipients waits (failed ones stay failed: their
+    /// bounce was sent).
+    func retryNow(messageID: String, now: Date) async throws -> Bool
+    /// Removes the message and all its recipients. Returns its blob key, for the caller to delete
+    /// after the commit; nil when there is no such message. A worker delivering it meanwhile
+    /// records nothing (its rows are gone).
+    func delete(messageID: String) async throws -> String?
 
 extension Date {
     /// Whole Unix seconds, rounded down: how both database schemas store times in the users

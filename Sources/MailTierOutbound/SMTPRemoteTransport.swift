@@ -204,7 +204,11 @@ public final class SMTPRemoteTransport: RemoteTransport, Service {
         let session = try await SMTPClientSession.start(
             on: connection, hostname: settings.hostname, serverName: destination.name, tls: tls, timeouts: settings.timeouts)
         logger.debug(
-            "connected", metadata: ["host": "\(destination.name)", "tls": "\(session.isTLS)", "esmtp": "\(session.capabilities != nil)"])
+            "connected",
+            metadata: [
+                "host": "\(destination.name)", "tls": "\(session.isTLS)",
+                "extensions": "\(session.capabilities.map { $0.extensions.keys.sorted().joined(separator: ",") } ?? "none (HELO)")",
+            ])
         return session
     }
 

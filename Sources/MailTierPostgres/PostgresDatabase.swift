@@ -48,6 +48,9 @@ public final class PostgresDatabase: Service, Sendable {
         }
     }
 
+    /// How long a session may sit idle inside a transaction before PostgreSQL ends it.
+    public static let idleInTransactionTimeoutSeconds = 15
+
     public let client: PostgresClient
     /// The schema every connection uses, or nil for the server's default search path.
     public let schema: String?
@@ -77,6 +80,11 @@ public final class PostgresDatabase: Service, Sendable {
         }
         // DESIGN.md: a commit is on disk before the 250, whatever the server's default.
         configuration.options.additionalStartupParameters.append(("synchronous_commit", "on"))
+        // No transaction here waits between its statements: a process stopped inside one (a
+        // delivery worker paused with SIGSTOP, a hung host) would hold its row locks and block
+        // every other worker. PostgreSQL ends such a session after this long, rolling it back.
+        configuration.options.additionalStartupParameters.append(
+            ("idle_in_transaction_session_timeout", "\(Self.idleInTransactionTimeoutSeconds)s"))
         configuration.options.connectTimeout = limits.connectionWait
         self.schema = schema
         self.logger = logger

@@ -87,16 +87,22 @@ public struct PostgresMessageQueue: MessageQueue {
         }
     }
 
-    public func record(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> [String] {
+    public func recordOutcomes(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> RecordedOutcomes {
         let clean = PostgresSearchText.withoutNUL
         let messageIDs = Array(Set(outcomes.map(\.job.messageID))).sorted()
-        guard !messageIDs.isEmpty else { return [] }
-        let results = outcomes.map { ($0.job, $0.outcome.recipientUpdate) }
+        guard !messageIDs.isEmpty else { return RecordedOutcomes(finishedBlobKeys: [], recorded: []) }
         return try await database.transaction { transaction in
-            try await transaction.query(
-                "SELECT id FROM queue_messages WHERE id = ANY(\(messageIDs)::text[]) ORDER BY id FOR UPDATE")
+            let locked = try await transaction.query(
+                "SELECT id, mail_from, subject, size_bytes FROM queue_messages WHERE id = ANY(\(messageIDs)::text[]) ORDER BY id FOR UPDATE")
+            var summaries: [String: OutboxEvent.MessageSummary] = [:]
+            for row in locked {
+                let (id, from, subject, size) = try row.decode((String, String, String?, Int64).self)
+                summaries[id] = OutboxEvent.MessageSummary(from: from, subject: subject, sizeBytes: Int(size))
+            }
             var touched: [String] = []
-            for (job, update) in results {
+            var recorded: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
+            for (job, outcome) in outcomes {
+                let update = outcome.recipientUpdate
                 let rows = try await transaction.query(
                     """
                     UPDATE queue_recipients SET status = \(update.status.rawValue), last_error = \(update.lastError.map(clean)),
@@ -105,16 +111,29 @@ public struct PostgresMessageQueue: MessageQueue {
                     WHERE id = \(job.id) AND lease_token = \(job.leaseToken)
                     RETURNING id
                     """)
-                if !rows.isEmpty && !touched.contains(job.messageID) { touched.append(job.messageID) }
+                guard !rows.isEmpty else { continue }
+                recorded.append((job, outcome))
+                if !touched.contains(job.messageID) { touched.append(job.messageID) }
             }
-            guard !touched.isEmpty else { return [] }
+            guard !touched.isEmpty else { return RecordedOutcomes(finishedBlobKeys: [], recorded: []) }
+            let events = OutboxEvent.deliveryEvents(recorded: recorded, messages: summaries, now: now)
+            if !events.isEmpty {
+                try await transaction.query(
+                    """
+                    INSERT INTO events (id, type, payload, created_at, next_attempt)
+                    SELECT e.id, e.type, e.payload, \(now.unixSeconds), \(now.unixSeconds)
+                    FROM unnest(\(events.map(\.id))::text[], \(events.map(\.type))::text[], \(events.map { clean($0.payload) })::text[])
+                        AS e(id, type, payload)
+                    """)
+            }
             let finished = try await transaction.query(
                 """
                 DELETE FROM queue_messages AS m WHERE m.id = ANY(\(touched)::text[])
                   AND NOT EXISTS (SELECT 1 FROM queue_recipients r WHERE r.message_id = m.id AND r.status <> 'delivered')
                 RETURNING m.blob_key
                 """)
-            return try finished.map { try $0.decode(String.self) }
+            return RecordedOutcomes(
+                finishedBlobKeys: try finished.map { try $0.decode(String.self) }, recorded: Set(recorded.map(\.job.id)))
         }
     }
 
@@ -142,3 +161,68 @@ public struct PostgresMessageQueue: MessageQueue {
         Set(try await database.query("SELECT blob_key FROM queue_messages").map { try $0.decode(String.self) })
     }
 }
+    public func renewLeases(_ jobs: [DeliveryJob], until: Date) async throws -> Set<Int64> {
+        guard !jobs.isEmpty else { return [] }
+        let rows = try await database.query(
+            """
+            UPDATE queue_recipients AS r SET lease_until = \(until.unixSeconds)
+            FROM unnest(\(jobs.map(\.id))::bigint[], \(jobs.map(\.leaseToken))::text[]) AS l(id, token)
+            WHERE r.id = l.id AND r.lease_token = l.token
+            RETURNING r.id
+            """)
+        return Set(try rows.map { try $0.decode(Int64.self) })
+    }
+
+    public func releaseLeases(_ jobs: [DeliveryJob]) async throws {
+        guard !jobs.isEmpty else { return }
+        try await database.query(
+            """
+            UPDATE queue_recipients AS r SET lease_token = NULL, lease_until = NULL
+            FROM unnest(\(jobs.map(\.id))::bigint[], \(jobs.map(\.leaseToken))::text[]) AS l(id, token)
+            WHERE r.id = l.id AND r.lease_token = l.token
+            """)
+    }
+
+    public func list(status: QueueMessageStatus?, offset: Int, limit: Int) async throws -> QueuePage {
+        let wanted = status?.rawValue
+        let total = try await database.query(
+            """
+            SELECT COUNT(*) FROM (\(unescaped: QueueView.aggregateSQL)) AS q
+            WHERE (\(wanted)::text IS NULL OR q.status = \(wanted)::text)
+            """
+        ).first?.decode(Int64.self) ?? 0
+        let rows = try await database.query(
+            """
+            SELECT q.id, q.mail_from, q.subject, q.size_bytes, q.created_at, q.attempts, q.max_attempts, q.next_retry, q.status,
+                   ARRAY(SELECT r.recipient FROM queue_recipients r WHERE r.message_id = q.id AND r.status <> 'delivered' ORDER BY r.id)
+            FROM (\(unescaped: QueueView.aggregateSQL)) AS q
+            WHERE (\(wanted)::text IS NULL OR q.status = \(wanted)::text)
+            ORDER BY q.created_at, q.id LIMIT \(Int64(max(limit, 0))) OFFSET \(Int64(max(offset, 0)))
+            """)
+        var messages: [QueueEntry] = []
+        for row in rows {
+            let (id, from, subject, size, created, attempts, maxAttempts, nextRetry, status, to) = try row.decode(
+                (String, String, String?, Int64, Int64, Int, Int, Int64?, String, [String]).self)
+            messages.append(
+                QueueEntry(
+                    id: id, from: from, to: to, subject: subject, sizeBytes: Int(size), attempts: attempts, maxAttempts: maxAttempts,
+                    nextRetry: nextRetry.map(Date.init(unixSeconds:)), status: QueueMessageStatus(rawValue: status) ?? .failed,
+                    createdAt: Date(unixSeconds: created)))
+        }
+        return QueuePage(messages: messages, total: Int(total), offset: offset, limit: limit)
+    }
+
+    public func retryNow(messageID: String, now: Date) async throws -> Bool {
+        try await !database.query(
+            """
+            UPDATE queue_recipients SET next_retry = \(now.unixSeconds)
+            WHERE message_id = \(messageID) AND status IN ('pending', 'retry') RETURNING id
+            """
+        ).isEmpty
+    }
+
+    public func delete(messageID: String) async throws -> String? {
+        // The recipients go with it (ON DELETE CASCADE).
+        try await database.query("DELETE FROM queue_messages WHERE id = \(messageID) RETURNING blob_key").first?.decode(String.self)
+    }
+

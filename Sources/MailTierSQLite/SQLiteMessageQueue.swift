@@ -83,7 +83,7 @@ public struct SQLiteMessageQueue: MessageQueue {
         }
     }
 
-    public func record(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> [String] {
+    public func recordOutcomes(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> RecordedOutcomes {
         try await database.write { db in
             var touched: [String] = []
             for (job, outcome) in outcomes {
@@ -96,7 +96,22 @@ public struct SQLiteMessageQueue: MessageQueue {
                     """,
                     [.text(update.status.rawValue), .optionalText(update.lastError),
                      .optionalInteger(update.nextRetry?.unixSeconds), .integer(job.id), .text(job.leaseToken)])
-                if db.changes == 1 && !touched.contains(job.messageID) { touched.append(job.messageID) }
+                guard db.changes == 1 else { continue }
+                recorded.append((job, outcome))
+                if !touched.contains(job.messageID) { touched.append(job.messageID) }
+            }
+            var summaries: [String: OutboxEvent.MessageSummary] = [:]
+            for messageID in touched {
+                if let row = try db.query("SELECT mail_from, subject, size_bytes FROM queue_messages WHERE id = ?", [.text(messageID)]).first {
+                    summaries[messageID] = OutboxEvent.MessageSummary(
+                        from: row.string("mail_from") ?? "", subject: row.string("subject"), sizeBytes: Int(row.int("size_bytes") ?? 0))
+                }
+            }
+            for event in OutboxEvent.deliveryEvents(recorded: recorded, messages: summaries, now: now) {
+                try db.execute(
+                    "INSERT INTO events (id, type, payload, created_at, next_attempt) VALUES (?, ?, ?, ?, ?)",
+                    [.text(event.id), .text(event.type), .text(event.payload), .integer(event.createdAt.unixSeconds),
+                     .integer(event.createdAt.unixSeconds)])
             }
             var finished: [String] = []
             for messageID in touched {
@@ -109,7 +124,75 @@ public struct SQLiteMessageQueue: MessageQueue {
                 }
                 try db.execute("DELETE FROM queue_messages WHERE id = ?", [.text(messageID)])
             }
-            return finished
+            return RecordedOutcomes(finishedBlobKeys: finished, recorded: Set(recorded.map(\.job.id)))
+        }
+    }
+
+    public func renewLeases(_ jobs: [DeliveryJob], until: Date) async throws -> Set<Int64> {
+        try await database.write { db in
+            var renewed: Set<Int64> = []
+            for job in jobs {
+                try db.execute(
+                    "UPDATE queue_recipients SET lease_until = ? WHERE id = ? AND lease_token = ?",
+                    [.integer(until.unixSeconds), .integer(job.id), .text(job.leaseToken)])
+                if db.changes == 1 { renewed.insert(job.id) }
+            }
+            return renewed
+        }
+    }
+
+    public func releaseLeases(_ jobs: [DeliveryJob]) async throws {
+        try await database.write { db in
+            for job in jobs {
+                try db.execute(
+                    "UPDATE queue_recipients SET lease_token = NULL, lease_until = NULL WHERE id = ? AND lease_token = ?",
+                    [.integer(job.id), .text(job.leaseToken)])
+            }
+        }
+    }
+
+    public func list(status: QueueMessageStatus?, offset: Int, limit: Int) async throws -> QueuePage {
+        try await database.read { db in
+            let filter: [SQLiteValue] = [.optionalText(status?.rawValue), .optionalText(status?.rawValue)]
+            let view = "(\(QueueView.aggregateSQL)) AS q WHERE (? IS NULL OR q.status = ?)"
+            let total = try db.query("SELECT COUNT(*) AS n FROM \(view)", filter).first?.int("n") ?? 0
+            let rows = try db.query(
+                "SELECT * FROM \(view) ORDER BY q.created_at, q.id LIMIT ? OFFSET ?",
+                filter + [.integer(Int64(max(limit, 0))), .integer(Int64(max(offset, 0)))])
+            var messages: [QueueEntry] = []
+            for row in rows {
+                let id = row.string("id")!
+                let to = try db.query(
+                    "SELECT recipient FROM queue_recipients WHERE message_id = ? AND status <> 'delivered' ORDER BY id", [.text(id)]
+                ).compactMap { $0.string("recipient") }
+                messages.append(
+                    QueueEntry(
+                        id: id, from: row.string("mail_from") ?? "", to: to, subject: row.string("subject"),
+                        sizeBytes: Int(row.int("size_bytes") ?? 0), attempts: Int(row.int("attempts") ?? 0),
+                        maxAttempts: Int(row.int("max_attempts") ?? 0), nextRetry: row.int("next_retry").map(Date.init(unixSeconds:)),
+                        status: QueueMessageStatus(rawValue: row.string("status") ?? "") ?? .failed,
+                        createdAt: Date(unixSeconds: row.int("created_at") ?? 0)))
+            }
+            return QueuePage(messages: messages, total: Int(total), offset: offset, limit: limit)
+        }
+    }
+
+    public func retryNow(messageID: String, now: Date) async throws -> Bool {
+        try await database.write { db in
+            try db.execute(
+                "UPDATE queue_recipients SET next_retry = ? WHERE message_id = ? AND status IN ('pending', 'retry')",
+                [.integer(now.unixSeconds), .text(messageID)])
+            return db.changes > 0
+        }
+    }
+
+    public func delete(messageID: String) async throws -> String? {
+        try await database.write { db in
+            guard let blobKey = try db.query("SELECT blob_key FROM queue_messages WHERE id = ?", [.text(messageID)]).first?.string("blob_key")
+            else { return nil }
+            // The recipients go with it (ON DELETE CASCADE).
+            try db.execute("DELETE FROM queue_messages WHERE id = ?", [.text(messageID)])
+            return blobKey
         }
     }
 
@@ -120,6 +203,7 @@ public struct SQLiteMessageQueue: MessageQueue {
     }
 
     public func makeDue(domain: String, now: Date) async throws -> Int {
+            var recorded: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
         try await database.write { db in
             try db.execute(
                 "UPDATE queue_recipients SET next_retry = ? WHERE domain = ? AND status IN ('pending', 'retry')",

@@ -382,3 +382,79 @@ struct RemoteDeliveryTests {
         }
     }
 }
+
+@Suite("Remote delivery: STARTTLS, and another MailTier as the MX", .serialized)
+struct RemoteDeliveryTLSTests {
+    let base = RemoteDeliveryTests()
+
+    @Test("STARTTLS is used when the peer offers it (opportunistic: its self-signed certificate is accepted)")
+    func opportunisticTLS() async throws {
+        let certificates = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-peer-cert-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: certificates, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: certificates) }
+        let tls = try await makeTLSCertificate(in: certificates)
+        let arguments = ["--tls-cert", tls.environment["SMTP_TLS_CERT"]!, "--tls-key", tls.environment["SMTP_TLS_KEY"]!]
+        try await base.withRemoteSetup(peerArguments: arguments, overrides: ["SMTP_OUTBOUND_REQUIRE_TLS": "true"]) { h, peer in
+            _ = try await base.send(h, to: ["nina@remote.test"])
+            let messages = try await peer.waitForMessages(1, server: h)
+            #expect(messages[0].tls)
+            #expect(messages[0].rcpt_tos == ["nina@remote.test"])
+        }
+    }
+
+    @Test("SMTP_OUTBOUND_REQUIRE_TLS with a peer that offers no STARTTLS: nothing is sent, the recipient waits (4.7.0)")
+    func requiredTLSMissing() async throws {
+        try await base.withRemoteSetup(overrides: ["SMTP_OUTBOUND_REQUIRE_TLS": "true"]) { h, peer in
+            _ = try await base.send(h, to: ["oscar@remote.test"])
+            let row = try await h.waitForRow("oscar@remote.test") { $0?.status == "retry" }
+            #expect(row?.attempts == 1)
+            #expect(row?.lastError.contains("TLS is required") == true, "\(String(describing: row))")
+            #expect(peer.messages().isEmpty)
+        }
+    }
+
+    @Test("to another MailTier as the MX: EHLO with PIPELINING and CHUNKING, STARTTLS, stored byte for byte in the recipient's mailbox")
+    func toAnotherMailTier() async throws {
+        let mx = try ServerHarness(overrides: ["SMTP_LOCAL_DOMAINS": "other.test", "SMTP_HOSTNAME": "mx.other.test", "SMTP_ENABLE_AUTH": "false"])
+        do {
+            mx.addEnvironment(try await makeTLSCertificate(in: mx.directory).environment)
+            try await mx.start()
+            try await mx.createUser("zoe", "zoe@other.test", "Zoe-Passw0rd!")
+            let dns = try await DNSMasq(records: ["--mx-host=other.test,mx.other.test,10", "--host-record=mx.other.test,127.0.0.1"])
+            do {
+                try await withServer([
+                    "SMTP_DNS_SERVERS": dns.server, "SMTP_OUTBOUND_PORT": "\(mx.smtpPort)", "SMTP_ENABLE_AUTH": "false",
+                    "SMTP_LOG_LEVEL": "debug",
+                ]) { h in
+                    try await h.createUser("alice", "alice@example.test", alicePassword)
+                    let queueID = try await base.send(h, to: ["zoe@other.test"])
+                    let files = try await mx.waitForMaildirFiles(for: "zoe@other.test", count: 1, timeout: .seconds(60))
+                    let stored = try Array(Data(contentsOf: files[0]))
+                    // Return-Path, the MX's Received (over TLS), then ours and the message as sent.
+                    let text = String(decoding: stored, as: UTF8.self)
+                    #expect(text.hasPrefix("Return-Path: <alice@example.test>\r\nReceived: from mail.example.test"))
+                    #expect(text.contains("with ESMTPS"), "\(text.prefix(600))")
+                    guard let ours = text.range(of: "Received: from client.test") else {
+                        Issue.record("our Received field is missing: \(text.prefix(800))")
+                        return
+                    }
+                    let rest = Array(text[ours.lowerBound...].utf8)
+                    #expect(base.afterReceived(rest, queueID: queueID) == RemoteDeliveryTests.body)
+                    let connected = h.log.split(separator: "\n").first { $0.contains("connected") && $0.contains("mx.other.test") }
+                    #expect(connected?.contains("tls=true") == true, "\(String(describing: connected))")
+                    #expect(connected?.contains("CHUNKING") == true && connected?.contains("PIPELINING") == true)
+                    try await h.waitForRow("zoe@other.test") { $0 == nil }
+                }
+            } catch {
+                await dns.stop()
+                throw error
+            }
+            await dns.stop()
+        } catch {
+            Issue.record("MX log tail:\n\(mx.logTail(40))")
+            await mx.cleanup()
+            throw error
+        }
+        await mx.cleanup()
+    }
+}
