@@ -22,13 +22,18 @@ public struct IngressService: SMTPServerDelegate {
     public let quota: QuotaChecker?
     /// Counts connections, commands, AUTH failures and messages per client address.
     public let limiter: any RateLimiter
+    /// Delivers queued mail over a connection turned around by ATRN; without it, ATRN for a
+    /// domain with mail waiting answers 451 (try later).
+    public let turnaround: (any ATRNDeliverer)?
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
-        newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(), logger: Logger
+        newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(),
+        turnaround: (any ATRNDeliverer)? = nil, logger: Logger
     ) {
         self.limiter = limiter
+        self.turnaround = turnaround
         self.configuration = configuration
         self.accounts = accounts
         self.queue = queue
@@ -106,7 +111,10 @@ public struct IngressService: SMTPServerDelegate {
         case rejected(SMTPReply)
     }
 
-    public func route(_ recipient: ForwardPath, authenticated: Bool) async throws -> Route {
+    /// With `checkQuota` (RCPT), a full local mailbox is refused (452 4.2.2); without it (the end
+    /// of data, after RCPT said 250), the recipient stays: delivery defers it, and bounces it if
+    /// the mailbox stays full.
+    public func route(_ recipient: ForwardPath, authenticated: Bool, checkQuota: Bool = true) async throws -> Route {
         let mailbox: Mailbox
         switch recipient {
         case .postmaster:
@@ -124,7 +132,7 @@ public struct IngressService: SMTPServerDelegate {
         }
         if let user = try await accounts.users.user(email: address) {
             guard user.enabled else { return .rejected(.userUnknown(address)) }
-            if let quota, try await quota.isOverQuota(user) { return .rejected(.mailboxFull(address)) }
+            if checkQuota, let quota, try await quota.isOverQuota(user) { return .rejected(.mailboxFull(address)) }
             return .local(mailbox: user.email)
         }
         if configuration.isLocalDomain(mailbox.domain) { return .rejected(.userUnknown(address)) }
@@ -165,7 +173,7 @@ public struct IngressService: SMTPServerDelegate {
         do {
             var recipients: [QueuedRecipient] = []
             for recipient in envelope.recipients {
-                switch try await route(recipient, authenticated: envelope.authenticatedUser != nil) {
+                switch try await route(recipient, authenticated: envelope.authenticatedUser != nil, checkQuota: false) {
                 case .local(let mailbox):
                     let domain = mailbox.split(separator: "@").last.map { $0.lowercased() } ?? ""
                     if !recipients.contains(where: { $0.address == mailbox }) {
@@ -255,22 +263,29 @@ public struct IngressService: SMTPServerDelegate {
         }
     }
 
-    public func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply {
+    /// RFC 2645: an authenticated user may take the mail waiting for its own domain (an
+    /// administrator for any). With mail waiting and a deliverer, the connection turns around.
+    public func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPATRNDecision {
         do {
             guard let account = try await accounts.users.user(named: user), account.enabled else {
-                return .atrnRefused(domains.first ?? "")
+                return .reply(.atrnRefused(domains.first ?? ""))
             }
             let ownDomain = account.email.split(separator: "@").last.map { $0.lowercased() } ?? ""
             for domain in domains where !account.isAdmin && domain.lowercased() != ownDomain {
-                return .atrnRefused(domain)
+                return .reply(.atrnRefused(domain))
             }
+            let names = domains.map { $0.lowercased() }
             var waiting = 0
-            for domain in domains { waiting += try await queue.waitingCount(domain: domain.lowercased()) }
+            for domain in names { waiting += try await queue.waitingCount(domain: domain) }
             logger.info("ATRN", metadata: ["client": "\(session.clientAddress)", "user": "\(user)", "waiting": "\(waiting)"])
-            return waiting == 0 ? .noMail : .atrnUnavailable
+            guard waiting > 0 else { return .reply(.noMail) }
+            guard let turnaround else { return .reply(.atrnUnavailable) }
+            return .turnAround(.atrnAccepted) { channel in
+                await turnaround.deliver(domains: names, over: channel)
+            }
         } catch {
             logger.error("ATRN failed", metadata: ["error": "\(error)"])
-            return .atrnUnavailable
+            return .reply(.atrnUnavailable)
         }
     }
 }
@@ -278,4 +293,10 @@ public struct IngressService: SMTPServerDelegate {
 private func byteHex(_ byte: UInt8) -> String {
     let digits = Array("0123456789abcdef")
     return String([digits[Int(byte >> 4)], digits[Int(byte & 0x0F)]])
+}
+
+/// ATRN (RFC 2645, On-Demand Mail Relay): delivers the mail queued for `domains` as the client
+/// on a connection whose peer has just become the server, then closes it.
+public protocol ATRNDeliverer: Sendable {
+    func deliver(domains: [String], over channel: any Channel) async
 }

@@ -57,7 +57,27 @@ public protocol SMTPServerDelegate: Sendable {
     /// Stores the message durably before returning `.queued`.
     func deliver(_ envelope: Envelope, content: ByteBuffer, session: SMTPSessionInfo) async -> SMTPDeliveryOutcome
     func etrn(domain: String, session: SMTPSessionInfo) async -> SMTPReply
-    func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply
+    /// RFC 2645: `.reply` answers and the session goes on; `.turnAround` sends its 250 and hands
+    /// the connection over, the server's part in it done.
+    func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPATRNDecision
+}
+
+/// What an ATRN request comes to.
+public enum SMTPATRNDecision: Sendable {
+    /// Answer (453 no mail, 450 refused, 451 try later) and stay the server.
+    case reply(SMTPReply)
+    /// Send `reply` (a 250), then give the channel to `run`: the peer now greets as the server
+    /// (RFC 2645 §4) and `run` is the client. The SMTP server's handler is gone from the
+    /// pipeline and reading is paused (autoRead off) until `run` sets autoRead again, so nothing
+    /// the peer sends is lost in between. `run` closes the channel when done.
+    case turnAround(SMTPReply, run: @Sendable (any Channel) async -> Void)
+
+    /// The reply the client gets, either way.
+    public var reply: SMTPReply {
+        switch self {
+        case .reply(let reply), .turnAround(let reply, _): reply
+        }
+    }
 }
 
 extension SMTPServerDelegate {

@@ -12,7 +12,7 @@ public struct SMTPServerShutdownEvent: Sendable {
 /// The server side of one connection: frames input, feeds the state machine, and runs its actions.
 /// Only `run(_:context:)` touches the channel. While an asynchronous action is outstanding it stops
 /// reading (back-pressure) and frames nothing, so pipelined commands are answered in order.
-final class SMTPServerHandler: ChannelDuplexHandler {
+final class SMTPServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = Never
     typealias OutboundIn = ByteBuffer
@@ -299,12 +299,48 @@ final class SMTPServerHandler: ChannelDuplexHandler {
         case .atrn(let domains, let user):
             let delegate = self.delegate
             let session = self.session
-            perform(context: context) {
-                await delegate.atrn(domains: domains, user: user, session: session)
-            } then: { handler, reply in
-                handler.machine.atrnCompleted(reply)
+            flushIfNeeded(context: context)
+            let promise = context.eventLoop.makePromise(of: SMTPATRNDecision.self)
+            promise.completeWithTask { await delegate.atrn(domains: domains, user: user, session: session) }
+            promise.futureResult.assumeIsolated().whenSuccess { decision in
+                guard !self.closed else { return }
+                switch decision {
+                case .reply(let reply):
+                    self.run(self.machine.atrnCompleted(reply), context: context)
+                    self.processInput(context: context)
+                case .turnAround(let reply, let client):
+                    self.turnAround(reply, client: client, context: context)
+                }
             }
         }
+    }
+
+    /// RFC 2645 §4: after the 250 the peer is the server. Input is paused (this handler held
+    /// back reads while ATRN ran, and autoRead goes off before it leaves), so the peer's greeting
+    /// waits in the socket for the client that `run` attaches.
+    private func turnAround(_ reply: SMTPReply, client: @escaping @Sendable (any Channel) async -> Void, context: ChannelHandlerContext) {
+        if framer.bufferedByteCount > 0 {
+            // The peer may not speak before our 250: whatever it pipelined is not for the client.
+            logger.warning("input pipelined behind ATRN, closing")
+            run(.send([.atrnUnavailable], thenClose: true), context: context)
+            flushIfNeeded(context: context)
+            return
+        }
+        closed = true
+        logger.info("ATRN: turning the connection around")
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        reply.write(into: &buffer)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        let channel = context.channel
+        do {
+            try channel.syncOptions?.setOption(.autoRead, value: false)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            logger.error("cannot turn the connection around", metadata: ["error": "\(error)"])
+            context.close(promise: nil)
+            return
+        }
+        Task { await client(channel) }
     }
 
     /// Runs `work` off the event loop; back on it, feeds the result to the machine and resumes input.

@@ -99,5 +99,7 @@ extension SMTPReply {
     public static func atrnRefused(_ domain: String) -> SMTPReply { .init(450, .init(4, 7, 1), "ATRN request refused for \(domain)") }
     public static let noMail = SMTPReply(453, .init(4, 3, 0), "You have no mail")
     public static let atrnUnavailable = SMTPReply(451, .init(4, 3, 0), "Unable to process ATRN request now")
+    /// RFC 2645 §4: the server accepts, then the roles reverse.
+    public static let atrnAccepted = SMTPReply(250, .init(2, 0, 0), "OK now reversing the connection")
     public static let atrnDuringTransaction = SMTPReply(503, .init(5, 5, 1), "ATRN not allowed during a mail transaction")
 }

@@ -15,7 +15,7 @@ private struct StubDelegate: SMTPServerDelegate {
         .rejected(.tlsNotAvailable)
     }
     func etrn(domain: String, session: SMTPSessionInfo) async -> SMTPReply { .tlsNotAvailable }
-    func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPReply { .tlsNotAvailable }
+    func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPATRNDecision { .reply(.tlsNotAvailable) }
 }
 
 private let greeting = "220 mx.example.test ESMTP MailTier\r\n"
