@@ -158,6 +158,8 @@ if configuration.role == .all || configuration.role == .delivery {
             // Bounces (RFC 3464 DSNs) to the senders of recipients that failed for good.
             notifier: BounceService(
                 configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
+            // Cluster mode: each claimed job's lease mirrored in Redis (`job:<message id>:<id>`).
+            leases: redis.client == nil ? nil : redis.leases,
             logger: logger))
 }
 
