@@ -160,6 +160,11 @@ let package = Package(
             "MailTierDNS", "MailTier",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        .testTarget(name: "MailTierOutboundTests", dependencies: [
+            "MailTierOutbound", "MailTierDNS", "MailTier", "SMTPNIO", "SMTPProtocol",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "IntegrationTests", dependencies: [], exclude: ["Support"]),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,189 @@
+// SMTPRemoteTransport against a real SMTP peer (Tests/IntegrationTests/Support/smtp_peer.py,
+// aiosmtpd) reached as the relay host: time limits shortened, the per-destination limit, reuse.
+
+import Foundation
+import Logging
+import MailTier
+import MailTierDNS
+import MailTierOutbound
+import NIOCore
+import SMTPNIO
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct PeerFailure: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// aiosmtpd on 127.0.0.1, stopped with SIGKILL by `stop()`.
+final class Peer: @unchecked Sendable {
+    // @unchecked: `process` is only touched by the test that owns the peer, one call at a time.
+    let port: Int
+    let directory: URL
+    private let process: Process
+
+    init(arguments: [String] = []) throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("IntegrationTests/Support/smtp_peer.py").path
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-outbound-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        port = try Self.freePort()
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: try Self.python())
+        process.arguments = [script, "--port", "\(port)", "--dir", directory.path] + arguments
+        let output = directory.appendingPathComponent("peer.out")
+        _ = FileManager.default.createFile(atPath: output.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: output)
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        try handle.close()
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, process.isRunning {
+            if let text = try? String(contentsOf: output, encoding: .utf8), text.contains("READY") { return }
+            usleep(50_000)
+        }
+        let text = (try? String(contentsOf: output, encoding: .utf8)) ?? ""
+        stop()
+        throw PeerFailure(description: "smtp_peer.py did not start: \(text)")
+    }
+
+    var messageCount: Int {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []).filter { $0.hasSuffix(".json") }.count
+    }
+
+    var connectionCount: Int {
+        let text = (try? String(contentsOf: directory.appendingPathComponent("connections.log"), encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").count
+    }
+
+    func stop() {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+        try? FileManager.default.removeItem(at: directory)
+    }
+
+    /// python3's real interpreter (not a pyenv shim, so that SIGKILL reaches the server itself).
+    static func python() throws -> String {
+        let probe = Process()
+        probe.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        probe.arguments = ["python3", "-c", "import sys; print(sys.executable)"]
+        let pipe = Pipe()
+        probe.standardOutput = pipe
+        try probe.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        probe.waitUntilExit()
+        let path = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard probe.terminationStatus == 0, FileManager.default.isExecutableFile(atPath: path) else {
+            throw PeerFailure(description: "python3 not found")
+        }
+        return path
+    }
+
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw PeerFailure(description: "socket: \(errno)") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0
+            }
+        }
+        guard ok else { throw PeerFailure(description: "bind: \(errno)") }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+}
+
+@Suite("SMTPRemoteTransport against a real peer")
+struct SMTPRemoteTransportTests {
+    static let message = ByteBuffer(string: "Subject: test\r\n\r\nHello.\r\n")
+
+    static func job(_ id: Int64, to recipient: String) -> DeliveryJob {
+        DeliveryJob(
+            id: id, messageID: "msg_\(id)", blobKey: "blob_\(id)", mailFrom: "alice@example.test", recipient: recipient,
+            isLocal: false, attempts: 0, maxAttempts: 5, leaseToken: "token", deliveryKey: "key", receivedAt: Date(),
+            sizeBytes: message.readableBytes)
+    }
+
+    static func transport(relayPort: Int, concurrency: Int = 10, timeouts: SMTPClientTimeouts = SMTPClientTimeouts()) -> SMTPRemoteTransport {
+        SMTPRemoteTransport(
+            settings: .init(
+                hostname: "mail.example.test", relay: RelayHost(host: "127.0.0.1", port: relayPort), concurrency: concurrency,
+                timeouts: timeouts),
+            resolver: CAresResolver(), logger: Logger(label: "test"))
+    }
+
+    /// `count` one-recipient messages handed to `transport` at the same time; every result.
+    static func deliverAtOnce(_ count: Int, through transport: SMTPRemoteTransport) async -> [DeliveryProblem?] {
+        await withTaskGroup(of: [DeliveryProblem?].self) { group in
+            for id in 1...count {
+                group.addTask { await transport.deliver(message, jobs: [job(Int64(id), to: "user\(id)@remote.test")]) }
+            }
+            var all: [DeliveryProblem?] = []
+            for await result in group { all += result }
+            return all
+        }
+    }
+
+    @Test("a peer slower than the time limits: a temporary 4.4.2 naming the step, nothing delivered")
+    func timeout() async throws {
+        let peer = try Peer(arguments: ["--delay", "5"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(1)))
+        let started = ContinuousClock.now
+        let problems = await transport.deliver(Self.message, jobs: [Self.job(1, to: "bob@remote.test")])
+        #expect(ContinuousClock.now - started < .seconds(30))
+        let problem = try #require(problems.first ?? nil)
+        #expect(!problem.isPermanent)
+        #expect(problem.status == "4.4.2")
+        #expect(problem.message.contains("no reply to MAIL within 1 s"), "\(problem.message)")
+        #expect(problem.remoteMTA == "dns; 127.0.0.1")
+        await transport.shutdown()
+        #expect(peer.messageCount == 0)
+    }
+
+    @Test("nobody listening: a temporary 4.4.1")
+    func connectionRefused() async throws {
+        let transport = Self.transport(relayPort: try Peer.freePort(), timeouts: .all(.seconds(10)))
+        let problems = await transport.deliver(Self.message, jobs: [Self.job(1, to: "bob@remote.test")])
+        let problem = try #require(problems.first ?? nil)
+        #expect(!problem.isPermanent && problem.status == "4.4.1", "\(problem)")
+        await transport.shutdown()
+    }
+
+    @Test("SMTP_OUTBOUND_CONCURRENCY=1: six messages at once go over one connection, one after the other")
+    func concurrencyLimit() async throws {
+        let peer = try Peer(arguments: ["--delay", "0.1"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, concurrency: 1)
+        let results = await Self.deliverAtOnce(6, through: transport)
+        #expect(results.count == 6 && results.allSatisfy { $0 == nil }, "\(results)")
+        #expect(peer.messageCount == 6)
+        #expect(peer.connectionCount == 1)
+        await transport.shutdown()
+    }
+
+    @Test("with a limit of 2, six messages at once use at most two connections; after shutdown nothing is sent")
+    func concurrencyLimitTwo() async throws {
+        let peer = try Peer(arguments: ["--delay", "0.1"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, concurrency: 2)
+        let results = await Self.deliverAtOnce(6, through: transport)
+        #expect(results.count == 6 && results.allSatisfy { $0 == nil }, "\(results)")
+        #expect(peer.messageCount == 6)
+        #expect((1...2).contains(peer.connectionCount), "\(peer.connectionCount) connections")
+        await transport.shutdown()
+        let after = await transport.deliver(Self.message, jobs: [Self.job(7, to: "late@remote.test")])
+        #expect(after.first??.isPermanent == false)
+        #expect(peer.messageCount == 6)
+    }
+}
