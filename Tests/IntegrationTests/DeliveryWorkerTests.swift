@@ -149,16 +149,7 @@ struct DeliveryWorkerTests {
             let worker = try q.startWorker(
                 "cut", ["SMTP_LEASE_SECONDS": "300", "SMTP_SHUTDOWN_GRACE_SECONDS": "2", "SMTP_RELAY_HOST": "127.0.0.1:\(peer.port)"])
             try await q.waitUntilStarted([worker])
-            try Data("Subject: slow\r\n\r\nbody\r\n".utf8).write(to: q.spool.appendingPathComponent("msg_\(q.tag)_slow"))
-            let now = Int(Date().timeIntervalSince1970)
-            _ = try await psqlRows(
-                q.url,
-                """
-                INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, created_at)
-                VALUES ('msg_\(q.tag)_slow', 'msg_\(q.tag)_slow', repeat('0', 64), 24, 'bob@example.test', 'slow', \(now));
-                INSERT INTO queue_recipients (message_id, recipient, domain, is_local, status, attempts, max_attempts, next_retry)
-                VALUES ('msg_\(q.tag)_slow', 'carol@remote.test', 'remote.test', false, 'pending', 0, 5, \(now));
-                """)
+            try await q.enqueueRemote("carol@remote.test")
             // The worker is in the middle of the SMTP transaction (the peer sits 60 s on MAIL).
             let connected = await poll(timeout: .seconds(60), interval: .milliseconds(100)) { peer.connectionCount > 0 }
             try #require(connected, "the worker never connected to the peer:\n\(worker.stdout.suffix(3000))")
@@ -177,6 +168,43 @@ struct DeliveryWorkerTests {
             #expect(row.count == 1 && row.first?.text("status") == "pending" && row.first?.int("attempts") == 0
                     && row.first?.isNull("lease") == true, "\(row.map(\.values))")
             #expect(peer.messages().isEmpty)
+        }
+    }
+
+    @Test("a delivery that outlasts its lease (a peer taking 3 × 6 s, lease 10 s) keeps it by renewal: the second worker never takes it, the peer gets it once")
+    func leaseRenewedDuringSlowDelivery() async throws {
+        let peer = try await SMTPPeer(arguments: ["--delay", "6"])
+        do {
+            try await renewDuringSlowDelivery(peer)
+        } catch {
+            await peer.stop()
+            throw error
+        }
+        await peer.stop()
+    }
+
+    private func renewDuringSlowDelivery(_ peer: SMTPPeer) async throws {
+        try await withWorkerQueue { q in
+            let relay = ["SMTP_RELAY_HOST": "127.0.0.1:\(peer.port)", "SMTP_LEASE_SECONDS": "10"]
+            let first = try q.startWorker("slow-first", relay)
+            try await q.waitUntilStarted([first])
+            let id = try await q.enqueueRemote("carol@remote.test")
+            let connected = await poll(timeout: .seconds(60), interval: .milliseconds(100)) { peer.connectionCount > 0 }
+            try #require(connected, "the worker never connected to the peer:\n\(first.stdout.suffix(3000))")
+            // A second worker polls every second while the first one's delivery runs past its lease.
+            let second = try q.startWorker("slow-second", relay)
+            try await q.waitUntilStarted([second])
+            // Delivered, the message leaves the queue.
+            let delivered = await poll(timeout: .seconds(90), interval: .milliseconds(200)) {
+                (try? await psqlRows(q.url, "SELECT json_build_object('n', COUNT(*)) FROM queue_messages"))?.first?.int("n") == 0
+            }
+            try await Task.sleep(for: .seconds(3))
+            let logs = [await q.stop(first), await q.stop(second)]
+            #expect(delivered, "not delivered within 90 s:\n\(q.tails(logs))")
+            #expect(peer.messages().count == 1, "the peer got \(peer.messages().count) copies:\n\(q.tails(logs))")
+            #expect(Self.lines(logs[1].stdout, containing: id).isEmpty, "the second worker touched the job:\n\(logs[1].stdout.suffix(3000))")
+            #expect(Self.lines(logs[0].stdout, containing: "lease lost").isEmpty, "\(logs[0].stdout.suffix(3000))")
+            #expect(try await q.leasedRows().isEmpty)
         }
     }
 
@@ -270,6 +298,24 @@ private struct WorkerQueue {
             UNION ALL \(recipients("'keep@example.test'", status: "failed"));
             """)
         return expected
+    }
+
+    /// Queues one message from `<>` (no bounce) to a remote `recipient`; returns its id.
+    @discardableResult
+    func enqueueRemote(_ recipient: String) async throws -> String {
+        let id = "msg_\(tag)_remote"
+        try Data("Subject: slow\r\n\r\nbody\r\n".utf8).write(to: spool.appendingPathComponent(id))
+        let now = Int(Date().timeIntervalSince1970)
+        let domain = recipient.split(separator: "@").last.map(String.init) ?? ""
+        _ = try await psqlRows(
+            url,
+            """
+            INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, created_at)
+            VALUES ('\(id)', '\(id)', repeat('0', 64), 24, '', 'slow', \(now));
+            INSERT INTO queue_recipients (message_id, recipient, domain, is_local, status, attempts, max_attempts, next_retry)
+            VALUES ('\(id)', '\(recipient)', '\(domain)', false, 'pending', 0, 5, \(now));
+            """)
+        return id
     }
 
     /// Recipients of `expected` not delivered yet.
