@@ -297,17 +297,20 @@ struct RemoteDeliveryTests {
         }
     }
 
-    @Test("4xx first, then 250: the recipient is retried (attempts 1, status retry, the peer's reply as last_error), then delivered")
+    @Test("4xx twice, then 250: retried (status retry, attempts 1 then 2, the peer's reply as last_error), then delivered")
     func temporaryFailureIsRetried() async throws {
-        try await withRemoteSetup(overrides: ["SMTP_RETRY_SCHEDULE": "3"]) { h, peer in
-            _ = try await send(h, to: ["tempfail-dave@remote.test"])
-            let waiting = try await h.waitForRow("tempfail-dave@remote.test") { $0?.status == "retry" }
-            #expect(waiting?.attempts == 1)
-            #expect(waiting?.lastError.contains("451 4.2.0 <tempfail-dave@remote.test>: try again later") == true, "\(String(describing: waiting))")
+        try await withRemoteSetup(overrides: ["SMTP_RETRY_SCHEDULE": "2"]) { h, peer in
+            let recipient = "tempfail2-dave@remote.test"
+            _ = try await send(h, to: [recipient])
+            let first = try await h.waitForRow(recipient) { $0?.status == "retry" }
+            #expect(first?.attempts == 1)
+            #expect(first?.lastError.contains("451 4.2.0 <\(recipient)>: try again later") == true, "\(String(describing: first))")
+            let second = try await h.waitForRow(recipient) { $0?.status == "retry" && $0?.attempts == 2 }
+            #expect(second?.lastError.contains("451 4.2.0") == true)
             #expect(peer.messages().isEmpty)
             let messages = try await peer.waitForMessages(1, timeout: .seconds(60), server: h)
-            #expect(messages[0].rcpt_tos == ["tempfail-dave@remote.test"])
-            try await h.waitForRow("tempfail-dave@remote.test") { $0 == nil }
+            #expect(messages[0].rcpt_tos == [recipient])
+            try await h.waitForRow(recipient) { $0 == nil }
         }
     }
 

@@ -12,6 +12,7 @@ adds its client port as a line to D/connections.log.
 What it answers depends on the recipient's local part:
   reject...    550 5.1.1 <addr>: Recipient address rejected: no such user here
   tempfail...  451 4.2.0 <addr>: try again later   (the first time), then 250
+  tempfailN... the same N times (tempfail2-x@…: twice), then 250
   anything     250
 
 --no-smtputf8 leaves SMTPUTF8 out of its EHLO reply; --delay sleeps before each
@@ -20,6 +21,7 @@ offer STARTTLS. Prints "READY <port>" once it accepts connections.
 """
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import ssl
@@ -53,7 +55,7 @@ class Peer:
         self.delay = delay
         self.lock = threading.Lock()
         self.count = 0
-        self.tempfailed = set()
+        self.tempfailed = {}
 
     async def pause(self):
         if self.delay:
@@ -71,10 +73,11 @@ class Peer:
         if local.startswith("reject"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: no such user here"
         if local.startswith("tempfail"):
+            digits = "".join(itertools.takewhile(str.isdigit, local[len("tempfail"):]))
             with self.lock:
-                first = address not in self.tempfailed
-                self.tempfailed.add(address)
-            if first:
+                failures = self.tempfailed.get(address, 0)
+                self.tempfailed[address] = failures + 1
+            if failures < int(digits or "1"):
                 return f"451 4.2.0 <{address}>: try again later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
