@@ -106,6 +106,10 @@ public enum DeliveryOutcome: Sendable, Equatable {
 public protocol MessageQueue: Sendable {
     /// Inserts the message, its recipients and their jobs in one durable transaction.
     func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws
+    /// Like `enqueue`, but when a message with this id is already queued, changes nothing and
+    /// returns false (atomically: of two racing calls, one inserts). Bounces use ids derived from
+    /// what they report, so a notice repeated after a crash does not queue a second bounce.
+    func enqueueIfAbsent(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws -> Bool
     /// Claims up to `limit` due jobs (pending or retry, `next_retry <= now`, no live lease) with a fresh
     /// lease token until `now + lease`. A job without a delivery key gets one from `makeDeliveryKey`.
     func claimDue(now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String) async throws

@@ -39,7 +39,10 @@ public final class QuotaChecker: Sendable {
     public func wouldExceed(_ user: User, adding size: Int) async throws -> Bool {
         guard let limit = Self.limitBytes(user) else { return false }
         let bytes = try await mailboxes.usageBytes(of: user.email)
-        cache.withLockedValue { $0[user.email] = (bytes + Int64(size), .now) }
-        return bytes + Int64(size) > limit
+        let exceeds = bytes + Int64(size) > limit
+        // What the mailbox will hold: a deferred message is not stored, so it does not count
+        // (RCPT must not answer "mailbox full" for a mailbox that is not).
+        cache.withLockedValue { $0[user.email] = (exceeds ? bytes : bytes + Int64(size), .now) }
+        return exceeds
     }
 }

@@ -26,8 +26,18 @@ public struct PostgresMessageQueue: MessageQueue {
     }
 
     public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
+        _ = try await insert(message, recipients: recipients, maxAttempts: maxAttempts, ifAbsent: false)
+    }
+
+    public func enqueueIfAbsent(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws -> Bool {
+        try await insert(message, recipients: recipients, maxAttempts: maxAttempts, ifAbsent: true)
+    }
+
+    /// One statement; with `ifAbsent`, an existing id makes the message insert do nothing
+    /// (`ON CONFLICT (id) DO NOTHING`), so no recipient row is inserted either: returns false.
+    private func insert(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int, ifAbsent: Bool) async throws -> Bool {
         let clean = PostgresSearchText.withoutNUL
-        try await database.query(
+        let inserted = try await database.query(
             """
             WITH message AS (
                 INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, smtputf8, body_type,
@@ -36,6 +46,7 @@ public struct PostgresMessageQueue: MessageQueue {
                     \(clean(message.mailFrom)), \(message.subject.map(clean)), \(message.smtputf8), \(message.bodyType),
                     \(message.deliverBy?.unixSeconds), \(message.deliverByMode), \(clean(message.clientAddress)),
                     \(clean(message.heloName)), \(message.authenticatedUser.map(clean)), \(message.createdAt.unixSeconds))
+                \(unescaped: ifAbsent ? "ON CONFLICT (id) DO NOTHING" : "")
                 RETURNING id, created_at, deliver_by
             )
             INSERT INTO queue_recipients (message_id, recipient, domain, is_local, status, attempts, max_attempts,
@@ -44,7 +55,9 @@ public struct PostgresMessageQueue: MessageQueue {
                 message.deliver_by
             FROM message, unnest(\(recipients.map(\.address))::text[], \(recipients.map(\.domain))::text[],
                 \(recipients.map(\.isLocal))::boolean[]) AS r(recipient, domain, is_local)
+            RETURNING message_id
             """)
+        return !inserted.isEmpty
     }
 
     public func claimDue(

@@ -15,7 +15,20 @@ public struct SQLiteMessageQueue: MessageQueue {
     }
 
     public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
+        _ = try await insert(message, recipients: recipients, maxAttempts: maxAttempts, ifAbsent: false)
+    }
+
+    public func enqueueIfAbsent(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws -> Bool {
+        try await insert(message, recipients: recipients, maxAttempts: maxAttempts, ifAbsent: true)
+    }
+
+    /// One `BEGIN IMMEDIATE` transaction: with `ifAbsent`, an existing id is looked for first and
+    /// nothing is written when it is there (returns false).
+    private func insert(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int, ifAbsent: Bool) async throws -> Bool {
         try await database.write { db in
+            if ifAbsent, !(try db.query("SELECT 1 AS present FROM queue_messages WHERE id = ?", [.text(message.id)]).isEmpty) {
+                return false
+            }
             try db.execute(
                 """
                 INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, smtputf8, body_type,
@@ -42,6 +55,7 @@ public struct SQLiteMessageQueue: MessageQueue {
                         .optionalInteger(message.deliverBy?.unixSeconds),
                     ])
             }
+            return true
         }
     }
 

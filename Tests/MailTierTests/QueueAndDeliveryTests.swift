@@ -18,7 +18,7 @@ import MailTierPostgres
 // (cheap parameters).
 
 /// Everything embedded mode wires together, in a temporary directory, on `database`.
-private struct Embedded {
+struct Embedded {
     let directory: String
     let configuration: Configuration
     let database: TestDatabase
@@ -80,7 +80,7 @@ private struct Embedded {
     func maildir(_ email: String) throws -> [String] { try mailboxes.messageFiles(of: email) }
 }
 
-private func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws -> Void) async throws {
+func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws -> Void) async throws {
     try await withTestDatabase(backend) { database in
         let embedded = try Embedded(database: database)
         defer { embedded.remove() }
