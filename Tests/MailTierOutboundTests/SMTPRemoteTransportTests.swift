@@ -25,15 +25,36 @@ final class Peer: @unchecked Sendable {
     let directory: URL
     private let process: Process
 
-    init(arguments: [String] = []) throws {
+    /// `smtp_peer.py` with `arguments`, storing into `directory`.
+    convenience init(arguments: [String] = []) throws {
+        try self.init(script: "smtp_peer.py") { directory in ["--dir", directory.path] + arguments }
+    }
+
+    /// `scripted_smtp.py` answering with `replies` (verb → octets), logging to `sessionLog`.
+    convenience init(replies: [String: String]) throws {
+        let json = String(decoding: try JSONSerialization.data(withJSONObject: replies), as: UTF8.self)
+        try self.init(script: "scripted_smtp.py") { directory in
+            ["--log", directory.appendingPathComponent("session.log").path, "--replies", json]
+        }
+    }
+
+    /// What `scripted_smtp.py` received, one line each.
+    var sessionLog: [String] {
+        let text = (try? String(contentsOf: directory.appendingPathComponent("session.log"), encoding: .utf8)) ?? ""
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        if lines.last == "" { lines.removeLast() }
+        return lines
+    }
+
+    init(script name: String, arguments: (URL) -> [String]) throws {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("IntegrationTests/Support/smtp_peer.py").path
+            .appendingPathComponent("IntegrationTests/Support/\(name)").path
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-outbound-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         port = try Self.freePort()
         process = Process()
         process.executableURL = URL(fileURLWithPath: try Self.python())
-        process.arguments = [script, "--port", "\(port)", "--dir", directory.path] + arguments
+        process.arguments = [script, "--port", "\(port)"] + arguments(directory)
         let output = directory.appendingPathComponent("peer.out")
         _ = FileManager.default.createFile(atPath: output.path, contents: nil)
         let handle = try FileHandle(forWritingTo: output)
@@ -48,7 +69,7 @@ final class Peer: @unchecked Sendable {
         }
         let text = (try? String(contentsOf: output, encoding: .utf8)) ?? ""
         stop()
-        throw PeerFailure(description: "smtp_peer.py did not start: \(text)")
+        throw PeerFailure(description: "\(name) did not start: \(text)")
     }
 
     var messageCount: Int {
@@ -185,5 +206,61 @@ struct SMTPRemoteTransportTests {
         let after = await transport.deliver(Self.message, jobs: [Self.job(7, to: "late@remote.test")])
         #expect(after.first??.isPermanent == false)
         #expect(peer.messageCount == 6)
+    }
+
+    @Test("EHLO refused with 5xx: HELO, then MAIL without parameters and DATA with dot-stuffing")
+    func heloFallback() async throws {
+        let peer = try Peer(replies: ["EHLO": "502 5.5.1 EHLO not supported\r\n"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(20)))
+        let content = ByteBuffer(string: "Subject: old\r\n\r\n.hidden\r\nend")
+        let problems = await transport.deliver(content, jobs: [Self.job(1, to: "bob@remote.test")])
+        #expect(problems == [nil])
+        await transport.shutdown()
+        let log = peer.sessionLog
+        #expect(log.starts(with: ["C: EHLO mail.example.test", "C: HELO mail.example.test", "C: MAIL FROM:<alice@example.test>"]), "\(log)")
+        // The stuffed dot arrives doubled on the wire; the missing final CRLF was added.
+        #expect(log.contains("..hidden") && log.contains("end"), "\(log)")
+        let begin = try #require(log.firstIndex(of: "DATA-BEGIN"))
+        #expect(Array(log[(begin + 1)...].prefix(5)) == ["Subject: old", "", "..hidden", "end", "DATA-END"])
+    }
+
+    @Test("after HELO an SMTPUTF8 message fails for good with 5.6.7 and MAIL is never sent")
+    func heloAndSMTPUTF8() async throws {
+        let peer = try Peer(replies: ["EHLO": "500 5.5.2 what?\r\n"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(20)))
+        var job = Self.job(1, to: "bob@remote.test")
+        job.smtputf8 = true
+        let problem = try #require(await transport.deliver(Self.message, jobs: [job]).first ?? nil)
+        #expect(problem.isPermanent && problem.status == "5.6.7", "\(problem)")
+        await transport.shutdown()
+        #expect(!peer.sessionLog.contains { $0.hasPrefix("C: MAIL") })
+    }
+
+    @Test("a message over the peer's SIZE fails for good with 5.3.4 and MAIL is never sent")
+    func sizeLimit() async throws {
+        let peer = try Peer(replies: ["EHLO": "250-scripted.test\r\n250 SIZE 10\r\n"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(20)))
+        let problem = try #require(await transport.deliver(Self.message, jobs: [Self.job(1, to: "bob@remote.test")]).first ?? nil)
+        #expect(problem.isPermanent && problem.status == "5.3.4", "\(problem)")
+        await transport.shutdown()
+        #expect(!peer.sessionLog.contains { $0.hasPrefix("C: MAIL") })
+    }
+
+    @Test("plaintext behind the peer's 220 to STARTTLS closes the connection: temporary, nothing sent")
+    func startTLSInjection() async throws {
+        let peer = try Peer(replies: [
+            "EHLO": "250-scripted.test\r\n250 STARTTLS\r\n",
+            "STARTTLS": "220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n",
+        ])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(20)))
+        let problem = try #require(await transport.deliver(Self.message, jobs: [Self.job(1, to: "bob@remote.test")]).first ?? nil)
+        #expect(!problem.isPermanent, "\(problem)")
+        #expect(problem.message.contains("plaintext behind its STARTTLS reply"), "\(problem)")
+        await transport.shutdown()
+        #expect(!peer.sessionLog.contains { $0.hasPrefix("C: MAIL") })
     }
 }
