@@ -210,6 +210,11 @@ struct RemoteDeliveryTests {
         // A null MX (RFC 7505) whose A record would reach the peer: it must not be tried.
         "--mx-host=nullmx.test,.,0",
         "--host-record=nullmx.test,127.0.0.1",
+        // The preferred MX refuses (nothing listens on 127.0.0.2), the second one takes it.
+        "--mx-host=fallback.test,mx1.fallback.test,10",
+        "--mx-host=fallback.test,mx2.fallback.test,20",
+        "--host-record=mx1.fallback.test,127.0.0.2",
+        "--host-record=mx2.fallback.test,127.0.0.1",
     ]
 
     static let body = Array(
@@ -336,6 +341,38 @@ struct RemoteDeliveryTests {
             let failed = try await h.waitForRow("grace@nullmx.test") { $0?.status == "failed" }
             #expect(failed?.attempts == 1)
             #expect(failed?.lastError.contains("null MX") == true, "\(String(describing: failed))")
+            #expect(peer.connectionCount == 0)
+        }
+    }
+
+    @Test("the preferred MX refuses the connection: the next MX by preference takes the message")
+    func nextExchanger() async throws {
+        try await withRemoteSetup { h, peer in
+            _ = try await send(h, to: ["olga@fallback.test"])
+            let messages = try await peer.waitForMessages(1, server: h)
+            #expect(messages[0].rcpt_tos == ["olga@fallback.test"])
+            try await h.waitForRow("olga@fallback.test") { $0 == nil }
+        }
+    }
+
+    @Test("a domain that does not exist (NXDOMAIN) fails for good at once")
+    func noSuchDomain() async throws {
+        try await withRemoteSetup { h, peer in
+            _ = try await send(h, to: ["pat@nowhere.test"])
+            let failed = try await h.waitForRow("pat@nowhere.test") { $0?.status == "failed" }
+            #expect(failed?.attempts == 1)
+            #expect(failed?.lastError.contains("noSuchDomain") == true, "\(String(describing: failed))")
+            #expect(peer.connectionCount == 0)
+        }
+    }
+
+    @Test("a DNS server that does not answer: the recipient waits for a retry (4.4.3)")
+    func dnsUnreachable() async throws {
+        try await withRemoteSetup(overrides: ["SMTP_DNS_SERVERS": "127.0.0.1:\(try Ports.free())"]) { h, peer in
+            _ = try await send(h, to: ["quinn@remote.test"])
+            let waiting = try await h.waitForRow("quinn@remote.test") { $0?.status == "retry" }
+            #expect(waiting?.attempts == 1)
+            #expect(waiting?.lastError.contains("DNS temporary failure") == true, "\(String(describing: waiting))")
             #expect(peer.connectionCount == 0)
         }
     }
