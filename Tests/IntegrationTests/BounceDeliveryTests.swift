@@ -11,8 +11,8 @@ struct BounceDeliveryTests {
     static let password = "Al1ce-Passw0rd!"
 
     /// alice sends; carol's 1 MB mailbox is filled by a first message of 0.6 MB.
-    static func fillCarol(_ h: ServerHarness) async throws {
-        try await h.createUser("alice", "alice@example.test", password)
+    static func fillCarol(_ h: ServerHarness, createAlice: Bool = true) async throws {
+        if createAlice { try await h.createUser("alice", "alice@example.test", password) }
         try await h.createUser("carol", "carol@example.test", password)
         let quota = try await h.userCLI(["set-quota", "carol", "1"])
         #expect(quota.status == 0, "\(quota.output)")
@@ -90,6 +90,28 @@ struct BounceDeliveryTests {
             let messages = try await peer.waitForMessages(1, server: h)
             #expect(messages[0].rcpt_tos == ["frank@remote.test"])
             #expect(Self.bounces(h, "alice@example.test").count == 1)
+        }
+    }
+
+    @Test("a remote sender's bounce goes out like any other message: MAIL FROM:<> to the sender's MX, a DSN that Python parses")
+    func bounceToRemoteSender() async throws {
+        try await RemoteDeliveryTests().withRemoteSetup(overrides: ["SMTP_MAX_ATTEMPTS": "1"]) { h, peer in
+            try await Self.fillCarol(h, createAlice: false)
+            let sent = try await smtplibSend(h, from: "bob@remote.test", to: ["carol@example.test"], body: Self.message("Quarterly numbers", size: 600_000))
+            let id = try #require(sent.queueID, "\(sent.replies)")
+            let messages = try await peer.waitForMessages(1, timeout: .seconds(60), server: h)
+            #expect(messages[0].mail_from == "<>", "aiosmtpd reports the null reverse path as <>")
+            #expect(messages[0].rcpt_tos == ["bob@remote.test"])
+            let file = peer.directory.appendingPathComponent("msg-1.eml")
+            #expect(String(decoding: messages[0].content, as: UTF8.self).contains("Message-ID: <dsn.\(id)."))
+            try await Self.checkDSN(
+                file,
+                [
+                    "return_path": false, "reporting_mta": ServerHarness.hostname, "to": "bob@remote.test",
+                    "original_subject": "Quarterly numbers",
+                    "recipients": [["final": "carol@example.test", "action": "failed", "status": "5.2.2", "diagnostic": "mailbox full"]],
+                ])
+            #expect(Self.bounces(h, "alice@example.test").isEmpty)
         }
     }
 
