@@ -188,12 +188,15 @@ public final class SMTPClientConnection: Sendable {
     /// Writes raw octets (message content) and waits until they are written, at most `timeout`.
     public func write(_ buffer: ByteBuffer, timeout: TimeAmount) async throws(SMTPClientError) {
         let channel = self.channel
-        let closer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
         do {
-            try await channel.writeAndFlush(buffer).get()
-            closer.cancel()
+            // The time limit is kept on the event loop, so a busy caller cannot make it fire.
+            try await channel.eventLoop.flatSubmit {
+                let written = channel.writeAndFlush(buffer)
+                let closer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+                written.whenComplete { _ in closer.cancel() }
+                return written
+            }.get()
         } catch {
-            closer.cancel()
             throw SMTPClientError(.connectionLost, "cannot write to the server: \(error)")
         }
     }
