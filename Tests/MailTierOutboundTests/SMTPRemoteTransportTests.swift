@@ -265,4 +265,42 @@ struct SMTPRemoteTransportTests {
         await transport.shutdown()
         #expect(!peer.sessionLog.contains { $0.hasPrefix("C: MAIL") })
     }
+
+    @Test("PIPELINING: MAIL, every RCPT and DATA go together; each recipient gets its own RCPT reply")
+    func pipelinedRejections() async throws {
+        let peer = try Peer(replies: [
+            "EHLO": "250-scripted.test\r\n250 PIPELINING\r\n",
+            "RCPT": "550 5.1.1 no such user\r\n",
+            "DATA": "554 5.5.1 no valid recipients\r\n",
+        ])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(20)))
+        let problems = await transport.deliver(
+            Self.message, jobs: [Self.job(1, to: "a@remote.test"), Self.job(2, to: "b@remote.test")])
+        #expect(problems.count == 2)
+        for problem in problems {
+            #expect(problem?.isPermanent == true && problem?.status == "5.1.1", "\(String(describing: problem))")
+            #expect(problem?.diagnostic == "smtp; 550 5.1.1 no such user")
+            #expect(problem?.remoteMTA == "dns; 127.0.0.1")
+        }
+        await transport.shutdown()
+        let log = peer.sessionLog
+        #expect(
+            Array(log.dropFirst()).starts(with: ["C: MAIL FROM:<alice@example.test>", "C: RCPT TO:<a@remote.test>", "C: RCPT TO:<b@remote.test>", "C: DATA"]),
+            "\(log)")
+        #expect(!log.contains("DATA-BEGIN"))
+    }
+
+    @Test("PIPELINING: a 354 to DATA after every RCPT was refused gets only the final dot (RFC 2920 §3.1)")
+    func pipelinedDataWithoutRecipients() async throws {
+        let peer = try Peer(replies: ["EHLO": "250-scripted.test\r\n250 PIPELINING\r\n", "RCPT": "451 4.3.0 later\r\n"])
+        defer { peer.stop() }
+        let transport = Self.transport(relayPort: peer.port, timeouts: .all(.seconds(20)))
+        let problems = await transport.deliver(Self.message, jobs: [Self.job(1, to: "a@remote.test")])
+        #expect(problems.first??.isPermanent == false && problems.first??.status == "4.3.0", "\(problems)")
+        await transport.shutdown()
+        let log = peer.sessionLog
+        let begin = try #require(log.firstIndex(of: "DATA-BEGIN"), "\(log)")
+        #expect(log[begin + 1] == "DATA-END", "\(log)")
+    }
 }
