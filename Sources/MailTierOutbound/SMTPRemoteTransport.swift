@@ -102,7 +102,7 @@ public final class SMTPRemoteTransport: RemoteTransport, Service {
             do {
                 lease = try await pool.checkout(destination, open: { try await self.open(destination) })
             } catch let error as SMTPClientError {
-                lastProblem = problem(for: error, at: destination)
+                lastProblem = DeliveryProblem(error, peer: destination.name)
                 logger.info("cannot use mail host", metadata: ["host": "\(destination.name)", "error": "\(error)"])
                 // RFC 5321 §5.1: try the next host (a 5xx greeting too: another MX may take it).
                 continue
@@ -116,21 +116,15 @@ public final class SMTPRemoteTransport: RemoteTransport, Service {
             } catch {
                 await pool.discard(lease)
                 // Nothing is delivered when the connection breaks mid-transaction: all retry.
-                return jobs.map { _ in problem(for: error, at: destination) }
+                return jobs.map { _ in DeliveryProblem(error, peer: destination.name) }
             }
             await pool.checkin(lease)
-            switch result {
-            case .refused(let refusal):
-                let problem = DeliveryProblem(
-                    isPermanent: refusal.status.klass == 5, status: refusal.status.description,
-                    message: "\(destination.name): \(refusal.description)", remoteMTA: "dns; \(destination.name)")
-                return jobs.map { _ in problem }
-            case .replies(let replies):
+            if case .replies(let replies) = result {
                 for (job, reply) in zip(jobs, replies) where reply.isPositive {
                     logger.debug("accepted", metadata: ["to": "<\(job.recipient)>", "host": "\(destination.name)", "reply": "\(reply.summary)"])
                 }
-                return replies.map { reply in reply.isPositive ? nil : problem(for: reply, at: destination) }
             }
+            return result.problems(count: jobs.count, peer: destination.name)
         }
         return jobs.map { _ in lastProblem }
     }
@@ -210,29 +204,5 @@ public final class SMTPRemoteTransport: RemoteTransport, Service {
                 "extensions": "\(session.capabilities.map { $0.extensions.keys.sorted().joined(separator: ",") } ?? "none (HELO)")",
             ])
         return session
-    }
-
-    /// A refusal from the server: 5xx permanent, 4xx temporary, its own enhanced code.
-    func problem(for reply: SMTPReply, at destination: Destination) -> DeliveryProblem {
-        DeliveryProblem(
-            isPermanent: reply.isPermanent, status: reply.status.description,
-            message: "\(destination.name) said: \(reply.summary)", diagnostic: "smtp; \(reply.summary)",
-            remoteMTA: "dns; \(destination.name)")
-    }
-
-    /// A connection that failed: connect 4.4.1, lost or timed out 4.4.2, TLS 4.7.0, the
-    /// greeting's or EHLO's own reply otherwise.
-    func problem(for error: SMTPClientError, at destination: Destination) -> DeliveryProblem {
-        let status: String
-        switch error.kind {
-        case .rejected(let reply): return problem(for: reply, at: destination)
-        case .connect: status = "4.4.1"
-        case .timeout, .connectionLost: status = "4.4.2"
-        case .protocolViolation: status = "4.5.0"
-        case .tls, .tlsRequired: status = "4.7.0"
-        }
-        return DeliveryProblem(
-            isPermanent: false, status: status, message: "\(destination.name): \(error.description)",
-            remoteMTA: "dns; \(destination.name)")
     }
 }
