@@ -76,10 +76,23 @@ public struct DeliveryJob: Sendable, Equatable {
     public var deliveryKey: String
     /// When the message was accepted.
     public var receivedAt: Date
+    /// The recipient's domain, lower case (the destination of a remote delivery).
+    public var domain: String
+    /// The blob's size in bytes (SIZE= at a remote peer).
+    public var sizeBytes: Int
+    /// The envelope needs SMTPUTF8 (RFC 6531): a peer without it cannot take the message.
+    public var smtputf8: Bool
+    /// `7BIT`, `8BITMIME` or `BINARYMIME` as the client declared it (nil: not declared).
+    public var bodyType: String?
+    /// DELIVERBY (RFC 2852): the deadline, and `R` (return the message when missed) or `N`.
+    public var deliverBy: Date?
+    public var deliverByMode: String?
 
     public init(
         id: Int64, messageID: String, blobKey: String, mailFrom: String, recipient: String, isLocal: Bool, attempts: Int,
-        maxAttempts: Int, leaseToken: String, deliveryKey: String, receivedAt: Date
+        maxAttempts: Int, leaseToken: String, deliveryKey: String, receivedAt: Date, domain: String? = nil,
+        sizeBytes: Int = 0, smtputf8: Bool = false, bodyType: String? = nil, deliverBy: Date? = nil,
+        deliverByMode: String? = nil
     ) {
         self.id = id
         self.messageID = messageID
@@ -92,6 +105,12 @@ public struct DeliveryJob: Sendable, Equatable {
         self.leaseToken = leaseToken
         self.deliveryKey = deliveryKey
         self.receivedAt = receivedAt
+        self.domain = domain ?? recipient.split(separator: "@").last.map { $0.lowercased() } ?? ""
+        self.sizeBytes = sizeBytes
+        self.smtputf8 = smtputf8
+        self.bodyType = bodyType
+        self.deliverBy = deliverBy
+        self.deliverByMode = deliverByMode
     }
 }
 
@@ -110,10 +129,11 @@ public protocol MessageQueue: Sendable {
     /// returns false (atomically: of two racing calls, one inserts). Bounces use ids derived from
     /// what they report, so a notice repeated after a crash does not queue a second bounce.
     func enqueueIfAbsent(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws -> Bool
-    /// Claims up to `limit` due jobs (pending or retry, `next_retry <= now`, no live lease) with a fresh
-    /// lease token until `now + lease`. A job without a delivery key gets one from `makeDeliveryKey`.
-    func claimDue(now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String) async throws
-        -> [DeliveryJob]
+    /// Claims up to `limit` jobs that `selection` picks and nobody holds a live lease on, with a
+    /// fresh lease token until `now + lease`. A job without a delivery key gets one from
+    /// `makeDeliveryKey`.
+    func claim(_ selection: ClaimSelection, now: Date, limit: Int, lease: Duration, makeDeliveryKey: @Sendable () -> String)
+        async throws -> [DeliveryJob]
     /// Records outcomes in one transaction, each fenced by its lease token (a job whose lease was lost
     /// is left alone). Messages whose every recipient is now delivered are removed; their blob keys
     /// are returned, to be deleted after the commit. In the same transaction, the `message.sent` and
@@ -133,9 +153,44 @@ public protocol MessageQueue: Sendable {
     func waitingCount(domain: String) async throws -> Int
     /// Every blob key a message row refers to (for garbage collection of orphan blobs).
     func referencedBlobKeys() async throws -> Set<String>
+    /// The queue view: messages with a recipient not delivered yet, oldest first, filtered by
+    /// their aggregated status (`QueueMessageStatus`), `limit` from `offset`, with the total.
+    func list(status: QueueMessageStatus?, offset: Int, limit: Int) async throws -> QueuePage
+    /// Makes every waiting (pending or retry) recipient of the message due at `now`. False when
+    /// there is no such message or none of its recipients waits (failed ones stay failed: their
+    /// bounce was sent).
+    func retryNow(messageID: String, now: Date) async throws -> Bool
+    /// Removes the message and all its recipients. Returns its blob key, for the caller to delete
+    /// after the commit; nil when there is no such message. A worker delivering it meanwhile
+    /// records nothing (its rows are gone).
+    func delete(messageID: String) async throws -> String?
 }
 
 // MARK: - What the queue adapters share
+
+/// Which waiting jobs a claim takes.
+public enum ClaimSelection: Sendable, Equatable {
+    /// Pending or retry with `next_retry <= now`; local recipients only when `localOnly`.
+    case due(localOnly: Bool)
+    /// ATRN: every pending or retry remote recipient at these domains, due or not.
+    case waiting(domains: [String])
+}
+
+extension MessageQueue {
+    /// Claims up to `limit` due jobs (pending or retry, `next_retry <= now`, no live lease).
+    public func claimDue(now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String)
+        async throws -> [DeliveryJob]
+    {
+        try await claim(.due(localOnly: localOnly), now: now, limit: limit, lease: lease, makeDeliveryKey: makeDeliveryKey)
+    }
+
+    /// ATRN: claims up to `limit` waiting remote jobs at `domains`, due or not.
+    public func claimWaiting(domains: [String], now: Date, limit: Int, lease: Duration, makeDeliveryKey: @Sendable () -> String)
+        async throws -> [DeliveryJob]
+    {
+        try await claim(.waiting(domains: domains), now: now, limit: limit, lease: lease, makeDeliveryKey: makeDeliveryKey)
+    }
+}
 
 /// The `status` of a `queue_recipients` row.
 public enum RecipientStatus: String, Sendable, CaseIterable {
@@ -160,17 +215,6 @@ extension DeliveryOutcome {
         }
     }
 }
-    /// The queue view: messages with a recipient not delivered yet, oldest first, filtered by
-    /// their aggregated status (`QueueMessageStatus`), `limit` from `offset`, with the total.
-    func list(status: QueueMessageStatus?, offset: Int, limit: Int) async throws -> QueuePage
-    /// Makes every waiting (pending or retry) recipient of the message due at `now`. False when
-    /// there is no such message or none of its recipients waits (failed ones stay failed: their
-    /// bounce was sent).
-    func retryNow(messageID: String, now: Date) async throws -> Bool
-    /// Removes the message and all its recipients. Returns its blob key, for the caller to delete
-    /// after the commit; nil when there is no such message. A worker delivering it meanwhile
-    /// records nothing (its rows are gone).
-    func delete(messageID: String) async throws -> String?
 
 extension Date {
     /// Whole Unix seconds, rounded down: how both database schemas store times in the users

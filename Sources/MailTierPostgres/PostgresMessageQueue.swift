@@ -60,20 +60,28 @@ public struct PostgresMessageQueue: MessageQueue {
         return !inserted.isEmpty
     }
 
-    public func claimDue(
-        now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String
+    public func claim(
+        _ selection: ClaimSelection, now: Date, limit: Int, lease: Duration, makeDeliveryKey: @Sendable () -> String
     ) async throws -> [DeliveryJob] {
+        let (localOnly, domains): (Bool, [String]?) =
+            switch selection {
+            case .due(let localOnly): (localOnly, nil)
+            case .waiting(let domains): (false, domains)
+            }
         let nowSeconds = now.unixSeconds
         let leaseUntil = nowSeconds + lease.components.seconds
+        let byDomain = domains != nil
         return try await database.transaction { transaction in
             let rows = try await transaction.query(
                 """
                 SELECT r.id, r.message_id, r.recipient, r.is_local, r.attempts, r.max_attempts, r.delivery_key,
-                       m.blob_key, m.mail_from, m.created_at
+                       m.blob_key, m.mail_from, m.created_at, r.domain, m.size_bytes, m.smtputf8, m.body_type,
+                       r.deliver_by, m.by_mode
                 FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id
-                WHERE r.status IN ('pending', 'retry') AND r.next_retry <= \(nowSeconds)
+                WHERE r.status IN ('pending', 'retry')
                   AND (r.lease_until IS NULL OR r.lease_until < \(nowSeconds))
-                  AND (r.is_local OR NOT \(localOnly))
+                  AND ((NOT \(byDomain) AND r.next_retry <= \(nowSeconds) AND (r.is_local OR NOT \(localOnly)))
+                       OR (\(byDomain) AND NOT r.is_local AND r.domain = ANY(\(domains ?? [])::text[])))
                 ORDER BY r.next_retry, r.id
                 LIMIT \(limit)
                 FOR UPDATE OF r SKIP LOCKED
@@ -82,11 +90,20 @@ public struct PostgresMessageQueue: MessageQueue {
             for row in rows {
                 let (id, messageID, recipient, isLocal, attempts, maxAttempts, deliveryKey, blobKey, mailFrom, createdAt) =
                     try row.decode((Int64, String, String, Bool, Int, Int, String?, String, String, Int64).self)
+                let cells = row.makeRandomAccess()
+                let domain = try cells[10].decode(String.self)
+                let sizeBytes = try cells[11].decode(Int64.self)
+                let smtputf8 = try cells[12].decode(Bool.self)
+                let bodyType = try cells[13].decode(String?.self)
+                let deliverBy = try cells[14].decode(Int64?.self)
+                let deliverByMode = try cells[15].decode(String?.self)
                 jobs.append(
                     DeliveryJob(
                         id: id, messageID: messageID, blobKey: blobKey, mailFrom: mailFrom, recipient: recipient, isLocal: isLocal,
                         attempts: attempts, maxAttempts: maxAttempts, leaseToken: MessageID.make(),
-                        deliveryKey: deliveryKey ?? makeDeliveryKey(), receivedAt: Date(unixSeconds: createdAt)))
+                        deliveryKey: deliveryKey ?? makeDeliveryKey(), receivedAt: Date(unixSeconds: createdAt),
+                        domain: domain, sizeBytes: Int(sizeBytes), smtputf8: smtputf8, bodyType: bodyType,
+                        deliverBy: deliverBy.map(Date.init(unixSeconds:)), deliverByMode: deliverByMode))
             }
             guard !jobs.isEmpty else { return [] }
             try await transaction.query(
@@ -150,30 +167,6 @@ public struct PostgresMessageQueue: MessageQueue {
         }
     }
 
-    public func releaseAllLeases() async throws {
-        try await database.query(
-            "UPDATE queue_recipients SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL")
-    }
-
-    public func makeDue(domain: String, now: Date) async throws -> Int {
-        try await database.query(
-            """
-            UPDATE queue_recipients SET next_retry = \(now.unixSeconds)
-            WHERE domain = \(domain) AND status IN ('pending', 'retry') RETURNING id
-            """
-        ).count
-    }
-
-    public func waitingCount(domain: String) async throws -> Int {
-        let rows = try await database.query(
-            "SELECT COUNT(*) FROM queue_recipients WHERE domain = \(domain) AND status IN ('pending', 'retry')")
-        return Int(try rows.first?.decode(Int64.self) ?? 0)
-    }
-
-    public func referencedBlobKeys() async throws -> Set<String> {
-        Set(try await database.query("SELECT blob_key FROM queue_messages").map { try $0.decode(String.self) })
-    }
-}
     public func renewLeases(_ jobs: [DeliveryJob], until: Date) async throws -> Set<Int64> {
         guard !jobs.isEmpty else { return [] }
         let rows = try await database.query(
@@ -239,3 +232,27 @@ public struct PostgresMessageQueue: MessageQueue {
         try await database.query("DELETE FROM queue_messages WHERE id = \(messageID) RETURNING blob_key").first?.decode(String.self)
     }
 
+    public func releaseAllLeases() async throws {
+        try await database.query(
+            "UPDATE queue_recipients SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL")
+    }
+
+    public func makeDue(domain: String, now: Date) async throws -> Int {
+        try await database.query(
+            """
+            UPDATE queue_recipients SET next_retry = \(now.unixSeconds)
+            WHERE domain = \(domain) AND status IN ('pending', 'retry') RETURNING id
+            """
+        ).count
+    }
+
+    public func waitingCount(domain: String) async throws -> Int {
+        let rows = try await database.query(
+            "SELECT COUNT(*) FROM queue_recipients WHERE domain = \(domain) AND status IN ('pending', 'retry')")
+        return Int(try rows.first?.decode(Int64.self) ?? 0)
+    }
+
+    public func referencedBlobKeys() async throws -> Set<String> {
+        Set(try await database.query("SELECT blob_key FROM queue_messages").map { try $0.decode(String.self) })
+    }
+}

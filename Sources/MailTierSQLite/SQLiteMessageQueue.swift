@@ -59,24 +59,32 @@ public struct SQLiteMessageQueue: MessageQueue {
         }
     }
 
-    public func claimDue(
-        now: Date, limit: Int, lease: Duration, localOnly: Bool, makeDeliveryKey: @Sendable () -> String
+    public func claim(
+        _ selection: ClaimSelection, now: Date, limit: Int, lease: Duration, makeDeliveryKey: @Sendable () -> String
     ) async throws -> [DeliveryJob] {
+        let (localOnly, domains): (Bool, [String]?) =
+            switch selection {
+            case .due(let localOnly): (localOnly, nil)
+            case .waiting(let domains): (false, domains)
+            }
         let nowSeconds = now.unixSeconds
         let leaseUntil = nowSeconds + lease.components.seconds
+        let domainList = String(decoding: (try? JSONEncoder().encode(domains ?? [])) ?? Data("[]".utf8), as: UTF8.self)
         return try await database.write { db in
             let rows = try db.query(
                 """
-                SELECT r.id, r.message_id, r.recipient, r.is_local, r.attempts, r.max_attempts, r.delivery_key,
-                       m.blob_key, m.mail_from, m.created_at
+                SELECT r.id, r.message_id, r.recipient, r.domain, r.is_local, r.attempts, r.max_attempts, r.delivery_key,
+                       r.deliver_by, m.blob_key, m.mail_from, m.created_at, m.size_bytes, m.smtputf8, m.body_type, m.by_mode
                 FROM queue_recipients r JOIN queue_messages m ON m.id = r.message_id
-                WHERE r.status IN ('pending', 'retry') AND r.next_retry <= ?
+                WHERE r.status IN ('pending', 'retry')
                   AND (r.lease_until IS NULL OR r.lease_until < ?)
-                  \(localOnly ? "AND r.is_local = 1" : "")
+                  AND ((? = 0 AND r.next_retry <= ? \(localOnly ? "AND r.is_local = 1" : ""))
+                       OR (? = 1 AND r.is_local = 0 AND r.domain IN (SELECT value FROM json_each(?))))
                 ORDER BY r.next_retry, r.id
                 LIMIT ?
                 """,
-                [.integer(nowSeconds), .integer(nowSeconds), .integer(Int64(limit))])
+                [.integer(nowSeconds), .bool(domains != nil), .integer(nowSeconds), .bool(domains != nil), .text(domainList),
+                 .integer(Int64(limit))])
             var jobs: [DeliveryJob] = []
             for row in rows {
                 let id = row.int("id")!
@@ -91,7 +99,10 @@ public struct SQLiteMessageQueue: MessageQueue {
                         mailFrom: row.string("mail_from") ?? "", recipient: row.string("recipient")!,
                         isLocal: row.int("is_local") == 1, attempts: Int(row.int("attempts") ?? 0),
                         maxAttempts: Int(row.int("max_attempts") ?? 5), leaseToken: token, deliveryKey: key,
-                        receivedAt: Date(timeIntervalSince1970: Double(row.int("created_at") ?? 0))))
+                        receivedAt: Date(timeIntervalSince1970: Double(row.int("created_at") ?? 0)),
+                        domain: row.string("domain"), sizeBytes: Int(row.int("size_bytes") ?? 0),
+                        smtputf8: row.int("smtputf8") == 1, bodyType: row.string("body_type"),
+                        deliverBy: row.int("deliver_by").map(Date.init(unixSeconds:)), deliverByMode: row.string("by_mode")))
             }
             return jobs
         }
@@ -100,6 +111,7 @@ public struct SQLiteMessageQueue: MessageQueue {
     public func recordOutcomes(_ outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)], now: Date) async throws -> RecordedOutcomes {
         try await database.write { db in
             var touched: [String] = []
+            var recorded: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
             for (job, outcome) in outcomes {
                 let update = outcome.recipientUpdate
                 try db.execute(
@@ -217,7 +229,6 @@ public struct SQLiteMessageQueue: MessageQueue {
     }
 
     public func makeDue(domain: String, now: Date) async throws -> Int {
-            var recorded: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
         try await database.write { db in
             try db.execute(
                 "UPDATE queue_recipients SET next_retry = ? WHERE domain = ? AND status IN ('pending', 'retry')",

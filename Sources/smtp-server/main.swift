@@ -123,11 +123,28 @@ do {
 let doorbell = Doorbell()
 // The Redis client first: a ServiceGroup stops its services in reverse order.
 var services: [any Service] = redis.client.map { [$0] } ?? []
+// Delivery, made before ingress: ATRN delivers through it on the connection the client turns
+// around. Remote recipients: MX hosts through libc-ares (SMTP_DNS_SERVERS) or SMTP_RELAY_HOST, then
+// outbound SMTP. Added before delivery, so the group stops it (closing pooled connections) after.
+let transport = SMTPRemoteTransport(
+    settings: .init(configuration: configuration), resolver: CAresResolver(servers: configuration.dnsServers),
+    logger: logger)
+let delivery = DeliveryService(
+    queue: queue, spool: spool, mailboxes: mailboxes,
+    settings: .init(configuration: configuration, exclusive: configuration.role == .all && configuration.databaseURL == nil),
+    doorbell: doorbell, quota: (accounts.users, quota), remote: transport,
+    // Bounces (RFC 3464 DSNs) to the senders of recipients that failed for good.
+    notifier: BounceService(
+        configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
+    // Cluster mode: each claimed job's lease mirrored in Redis (`job:<message id>:<id>`).
+    leases: redis.client == nil ? nil : redis.leases,
+    logger: logger)
 var smtpServer: SMTPServer?
 if configuration.role == .all || configuration.role == .ingress {
     let ingress = IngressService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
-        newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter, logger: logger)
+        newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter,
+        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger), logger: logger)
     let server = SMTPServer(
         configuration: .init(
             host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
@@ -144,23 +161,8 @@ if configuration.role == .all || configuration.role == .ingress {
     services.append(server)
 }
 if configuration.role == .all || configuration.role == .delivery {
-    // Remote recipients: MX hosts through libc-ares (SMTP_DNS_SERVERS) or SMTP_RELAY_HOST, then
-    // outbound SMTP. Added before delivery, so the group stops it (closing pooled connections) after.
-    let transport = SMTPRemoteTransport(
-        settings: .init(configuration: configuration), resolver: CAresResolver(servers: configuration.dnsServers),
-        logger: logger)
     services.append(transport)
-    services.append(
-        DeliveryService(
-            queue: queue, spool: spool, mailboxes: mailboxes,
-            settings: .init(configuration: configuration, exclusive: configuration.role == .all && configuration.databaseURL == nil),
-            doorbell: doorbell, quota: (accounts.users, quota), remote: transport,
-            // Bounces (RFC 3464 DSNs) to the senders of recipients that failed for good.
-            notifier: BounceService(
-                configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
-            // Cluster mode: each claimed job's lease mirrored in Redis (`job:<message id>:<id>`).
-            leases: redis.client == nil ? nil : redis.leases,
-            logger: logger))
+    services.append(delivery)
 }
 
 // GET /health in every role (the only service of `admin` for now). After the Redis client and
