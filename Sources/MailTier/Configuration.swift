@@ -606,31 +606,28 @@ struct EnvironmentReader {
 
     /// Comma-separated CIDRs (`10.0.0.0/8`, `::1/128`; a bare address means one host).
     func cidrList(_ name: String) throws(ConfigurationError) -> [CIDR]? {
-        guard let value = self.raw(name) else { return nil }
-        var result: [CIDR] = []
-        for item in value.split(separator: ",") {
-            let text = Self.trim(item)
-            guard !text.isEmpty else { continue }
-            guard let cidr = CIDR(text) else {
-                throw self.error(name, "expected comma-separated CIDRs such as 10.0.0.0/8, 127.0.0.1/32", got: value)
-            }
-            result.append(cidr)
-        }
-        return result
+        try list(name, expecting: "expected comma-separated CIDRs such as 10.0.0.0/8, 127.0.0.1/32") { CIDR($0) }
     }
 
-    /// Comma-separated DNS servers: `ip`, `ip:port` (IPv4), `ipv6` or `[ipv6]:port`; blanks
-    /// around commas and empty items are ignored.
+    /// Comma-separated DNS servers: `ip`, `ip:port` (IPv4), `ipv6` or `[ipv6]:port`.
     func dnsServerList(_ name: String) throws(ConfigurationError) -> [DNSServer]? {
+        try list(name, expecting: "expected comma-separated DNS server addresses such as 192.0.2.53, 127.0.0.1:5353, [::1]:53") {
+            DNSServer($0)
+        }
+    }
+
+    /// A comma-separated list, each item parsed by `parse`; blanks around commas and empty
+    /// items are ignored; one item `parse` refuses fails the whole value with `expectation`.
+    private func list<Item>(
+        _ name: String, expecting expectation: String, _ parse: (String) -> Item?
+    ) throws(ConfigurationError) -> [Item]? {
         guard let value = self.raw(name) else { return nil }
-        var result: [DNSServer] = []
+        var result: [Item] = []
         for item in value.split(separator: ",") {
             let text = Self.trim(item)
             guard !text.isEmpty else { continue }
-            guard let server = DNSServer(text) else {
-                throw self.error(name, "expected comma-separated DNS server addresses such as 192.0.2.53, 127.0.0.1:5353, [::1]:53", got: value)
-            }
-            result.append(server)
+            guard let parsed = parse(text) else { throw self.error(name, expectation, got: value) }
+            result.append(parsed)
         }
         return result
     }
@@ -781,31 +778,13 @@ public struct RelayHost: Sendable, Hashable, CustomStringConvertible {
 
     /// Parses `host`, `host:port`, `[ipv6]` or `[ipv6]:port`; nil when invalid.
     public init?(_ text: String) {
-        var host = text
-        var portText: Substring? = nil
-        if text.hasPrefix("[") {
-            guard let close = text.firstIndex(of: "]") else { return nil }
-            host = String(text[text.index(after: text.startIndex)..<close])
-            let rest = text[text.index(after: close)...]
-            if !rest.isEmpty {
-                guard rest.hasPrefix(":") else { return nil }
-                portText = rest.dropFirst()
-            }
-            guard host.contains(":"), EnvironmentReader.isIPAddress(host) else { return nil }
-        } else if let colon = text.firstIndex(of: ":") {
-            host = String(text[..<colon])
-            portText = text[text.index(after: colon)...]
-        }
-        if let portText {
-            guard !portText.isEmpty, portText.count <= 5, portText.allSatisfy(\.isASCII), portText.allSatisfy(\.isNumber),
-                let port = Int(portText), (1...65535).contains(port)
-            else { return nil }
-            self.port = port
+        guard let parts = HostPort(text) else { return nil }
+        if parts.bracketed {
+            guard HostPort.isIPv6(parts.host) else { return nil }
         } else {
-            self.port = nil
+            guard EnvironmentReader.isIPAddress(parts.host) || EnvironmentReader.isValidDomain(parts.host) else { return nil }
         }
-        guard EnvironmentReader.isIPAddress(host) || EnvironmentReader.isValidDomain(host) else { return nil }
-        self.host = host.contains(":") ? host : host.lowercased()
+        self.init(host: parts.bracketed ? parts.host : parts.host.lowercased(), port: parts.port)
     }
 
     public var description: String {

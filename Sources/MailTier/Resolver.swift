@@ -134,28 +134,17 @@ public struct DNSServer: Sendable, Hashable, CustomStringConvertible {
 
     /// Parses `ip`, `ip:port` (IPv4), `ipv6` or `[ipv6]:port`; nil when invalid.
     public init?(_ text: String) {
-        var address = text
-        var port: Int? = nil
-        if text.hasPrefix("[") {
-            guard let close = text.firstIndex(of: "]") else { return nil }
-            address = String(text[text.index(after: text.startIndex)..<close])
-            let rest = text[text.index(after: close)...]
-            guard rest.hasPrefix(":") else { return nil }
-            guard let number = Self.port(rest.dropFirst()) else { return nil }
-            port = number
-            guard Self.isIPv6(address) else { return nil }
-        } else if Self.isIPv6(text) {
-            address = text
-        } else if let colon = text.firstIndex(of: ":") {
-            address = String(text[..<colon])
-            guard let number = Self.port(text[text.index(after: colon)...]) else { return nil }
-            port = number
-            guard Self.isIPv4(address) else { return nil }
-        } else {
-            guard Self.isIPv4(text) else { return nil }
+        if HostPort.isIPv6(text) {
+            self.init(address: text)
+            return
         }
-        self.address = address
-        self.port = port
+        guard let parts = HostPort(text) else { return nil }
+        if parts.bracketed {
+            guard parts.port != nil, HostPort.isIPv6(parts.host) else { return nil }
+        } else {
+            guard HostPort.isIPv4(parts.host) else { return nil }
+        }
+        self.init(address: parts.host, port: parts.port)
     }
 
     /// With its port (53 when none was given), as c-ares's `ares_set_servers_ports_csv` takes
@@ -164,20 +153,51 @@ public struct DNSServer: Sendable, Hashable, CustomStringConvertible {
         let port = self.port ?? 53
         return self.address.contains(":") ? "[\(self.address)]:\(port)" : "\(self.address):\(port)"
     }
+}
 
-    private static func port(_ text: Substring) -> Int? {
-        guard !text.isEmpty, text.count <= 5, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-            let number = Int(text), (1...65535).contains(number)
-        else { return nil }
-        return number
+/// `host`, `host:port`, `[literal]` or `[literal]:port`, split (the host's own validity is the
+/// caller's to check): how `SMTP_DNS_SERVERS` and `SMTP_RELAY_HOST` name a host and a port.
+struct HostPort {
+    var host: String
+    /// The host was in brackets (an IPv6 literal, RFC 3986 style).
+    var bracketed: Bool
+    var port: Int?
+
+    /// Nil for an unclosed bracket, text after `]` that is not `:port`, or a port that is not
+    /// 1-65535 in at most five digits.
+    init?(_ text: String) {
+        var portText: Substring?
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { return nil }
+            host = String(text[text.index(after: text.startIndex)..<close])
+            bracketed = true
+            let rest = text[text.index(after: close)...]
+            if !rest.isEmpty {
+                guard rest.hasPrefix(":") else { return nil }
+                portText = rest.dropFirst()
+            }
+        } else if let colon = text.firstIndex(of: ":") {
+            host = String(text[..<colon])
+            bracketed = false
+            portText = text[text.index(after: colon)...]
+        } else {
+            host = text
+            bracketed = false
+        }
+        if let portText {
+            guard !portText.isEmpty, portText.count <= 5, portText.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+                let number = Int(portText), (1...65535).contains(number)
+            else { return nil }
+            port = number
+        }
     }
 
-    private static func isIPv4(_ text: String) -> Bool {
+    static func isIPv4(_ text: String) -> Bool {
         var v4 = in_addr()
         return inet_pton(AF_INET, text, &v4) == 1
     }
 
-    private static func isIPv6(_ text: String) -> Bool {
+    static func isIPv6(_ text: String) -> Bool {
         var v6 = in6_addr()
         return inet_pton(AF_INET6, text, &v6) == 1
     }

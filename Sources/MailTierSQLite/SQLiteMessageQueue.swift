@@ -69,7 +69,8 @@ public struct SQLiteMessageQueue: MessageQueue {
             }
         let nowSeconds = now.unixSeconds
         let leaseUntil = nowSeconds + lease.components.seconds
-        let domainList = String(decoding: (try? JSONEncoder().encode(domains ?? [])) ?? Data("[]".utf8), as: UTF8.self)
+        // ATRN's domains as a JSON array for json_each (the regular poll needs none).
+        let domainList = domains.flatMap { try? JSONEncoder().encode($0) }.map { String(decoding: $0, as: UTF8.self) } ?? "[]"
         return try await database.write { db in
             let rows = try db.query(
                 """
