@@ -43,24 +43,53 @@ func onBackgroundThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async 
 
 /// Limits how many servers run at once, so that parallel tests do not starve each
 /// other on a small machine (the timing-sensitive tests stay reliable).
+///
+/// A soft limit: a test holding slots may wait for another (a cluster of nodes, a second
+/// server as the MX), and two such tests could each hold what the other waits for. So a
+/// waiter that has not been given a slot within `patience` starts over the limit instead of
+/// waiting for ever.
 actor ServerSlots {
     static let shared = ServerSlots(
         limit: Int(ProcessInfo.processInfo.environment["MAILTIER_IT_MAX_SERVERS"] ?? "") ?? 4)
-    private var available: Int
-    private var waiters: [CheckedContinuation<Void, Never>] = []
-    init(limit: Int) { available = max(1, limit) }
+    private let limit: Int
+    private let patience: Duration
+    private var inUse = 0
+    private var waiters: [(id: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    private var nextWaiter = 0
+
+    init(limit: Int, patience: Duration = .seconds(30)) {
+        self.limit = max(1, limit)
+        self.patience = patience
+    }
+
     func acquire() async {
-        if available > 0 {
-            available -= 1
+        if inUse < limit {
+            inUse += 1
             return
         }
-        await withCheckedContinuation { waiters.append($0) }
+        let id = nextWaiter
+        nextWaiter += 1
+        await withCheckedContinuation { continuation in
+            waiters.append((id, continuation))
+            Task { [patience] in
+                try? await Task.sleep(for: patience)
+                await self.giveUpWaiting(id)
+            }
+        }
     }
+
+    /// The waiter `id`, if still waiting, starts over the limit.
+    private func giveUpWaiting(_ id: Int) {
+        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
+        inUse += 1
+        waiters.remove(at: index).continuation.resume()
+    }
+
     func release() {
-        if waiters.isEmpty {
-            available += 1
-        } else {
-            waiters.removeFirst().resume()
+        inUse -= 1
+        while inUse < limit, !waiters.isEmpty {
+            inUse += 1
+            waiters.removeFirst().continuation.resume()
         }
     }
 }
