@@ -129,7 +129,9 @@ import Testing
         } catch {
             #expect(error.code == .timeout)
         }
-        #expect(ContinuousClock.now - started < .seconds(2))
+        // It does not hang: the 300 ms limit ends it. 2 s was broken once (2.3 s) by the full
+        // parallel suite on 2 busy cores; a hang would still be far over this.
+        #expect(ContinuousClock.now - started < .seconds(10))
         await client.shutdown()
         try await silent.close()
     }
