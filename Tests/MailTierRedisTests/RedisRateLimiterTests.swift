@@ -37,16 +37,18 @@ import Testing
         guard let endpoint = TestServices.requireRedis() else { return }
         let client = makeClient(endpoint)
         let counter = RedisRateCounter(client: client, namespace: uniqueNamespace())
-        // Seconds, not milliseconds: the whole test run keeps both cores busy.
-        let rule = RateRule(limit: 2, window: .seconds(3))
+        // Ten seconds: the whole test run keeps both cores busy, and three hits once took more
+        // than a 3 s window (the third then opened a new one).
+        let rule = RateRule(limit: 2, window: .seconds(10))
         let now = Date()
         let first = try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: now)
         #expect(first.allowed && first.remaining == 1)
-        #expect(first.resetAt > now && first.resetAt <= now + 3.0)
+        #expect(first.resetAt > now && first.resetAt <= now + 10.0)
         #expect(try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: Date()).allowed)
         let third = try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: Date())
         #expect(!third.allowed && third.remaining == 0 && !third.unavailable)
-        try await Task.sleep(for: .milliseconds(3300))
+        // Just past the end of the window the first hit opened.
+        try await Task.sleep(for: .seconds(max(0, first.resetAt.timeIntervalSinceNow) + 0.3))
         let next = try await counter.hit(.message, key: "2001:db8::1", rule: rule, now: Date())
         #expect(next.allowed && next.remaining == 1)
         await client.shutdown()
