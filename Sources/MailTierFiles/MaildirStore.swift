@@ -20,7 +20,8 @@ import NIOPosix
 /// Maildir++ subfolder `<root>/<email>/.Name/{cur,new,tmp}` (with an empty `maildirfolder`
 /// file). Directories 0700, files 0600.
 ///
-/// Delivery: a message is written to `tmp/<key>` (under an exclusive `flock`), fsync'd,
+/// Delivery: a message is written to `tmp/<key>` (under an exclusive `flock`; to a file of its
+/// own when another attempt holds it, never waiting), fsync'd,
 /// hard-linked to `new/<key>`, and `new/` is fsync'd before `deliver` returns. The delivery key
 /// is the maildir unique name, so a retried delivery of the same job finds its earlier copy
 /// (in `new/`, or in `cur/` with any set of the standard flags S R F T D) and stores nothing.
@@ -145,10 +146,11 @@ public struct MaildirStore: MailboxStore {
             if created { try FileStoreIO.fsyncDirectory(box) }
 
             let newPath = "\(box)/new/\(key)"
-            let tmpPath = "\(box)/tmp/\(key)"
-            // Attempts with one key are serialised by an exclusive lock on tmp/<key>, so that a
-            // second worker (lost lease) can never truncate a file already linked into new/.
-            let fd = try Self.openLockedTemporaryFile(tmpPath)
+            // Normally tmp/<key> under an exclusive lock, so a crashed attempt's leftover is
+            // reused and a second worker (lost lease) never truncates a file already linked into
+            // new/. While another attempt holds that lock (a worker paused past its lease), this
+            // one writes a file of its own instead of waiting: link() lets only one copy in.
+            let (fd, tmpPath) = try Self.openTemporaryFile(key, in: "\(box)/tmp")
             defer { try? FileStoreIO.close(fd, path: tmpPath) }  // after unlink: releases the lock
 
             // Already delivered: still in new/, or moved to cur/ (by a reader or by setFlags) with
@@ -449,16 +451,28 @@ public struct MaildirStore: MailboxStore {
         return String(letters.sorted())
     }
 
+    /// The temporary file of a delivery of `key` into the maildir's `tmp` directory: `tmp/<key>`
+    /// with an exclusive lock, or — when another attempt holds that lock — a new file
+    /// `tmp/<key>.busy-<random>`. Never waits for a lock: a holder may be a stopped process.
+    static func openTemporaryFile(_ key: String, in tmp: String) throws(FileStoreError) -> (fd: Int32, path: String) {
+        let path = "\(tmp)/\(key)"
+        if let fd = try openLockedTemporaryFile(path) { return (fd, path) }
+        let own = "\(tmp)/\(key).busy-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+        return (try FileStoreIO.open(own, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600), own)
+    }
+
     /// Opens (creating, mode 0600, never through a symlink) `path` and takes an exclusive
-    /// `flock` on it. A previous holder unlinks the file before releasing the lock, so after
-    /// locking, the descriptor must still be the file `path` names; otherwise try again.
-    static func openLockedTemporaryFile(_ path: String) throws(FileStoreError) -> Int32 {
+    /// `flock` on it without waiting: nil when another descriptor holds it. A previous holder
+    /// unlinks the file before releasing the lock, so after locking, the descriptor must still be
+    /// the file `path` names; otherwise try again.
+    static func openLockedTemporaryFile(_ path: String) throws(FileStoreError) -> Int32? {
         while true {
             let fd = try FileStoreIO.open(path, flags: O_WRONLY | O_CREAT | O_NOFOLLOW, mode: 0o600)
-            while flock(fd, LOCK_EX) != 0 {
+            while flock(fd, LOCK_EX | LOCK_NB) != 0 {
                 let code = errno
                 if code == EINTR { continue }
                 try? FileStoreIO.close(fd, path: path)
+                if code == EWOULDBLOCK { return nil }
                 throw .system("flock", path, code)
             }
             var held = stat()

@@ -31,6 +31,7 @@ import NIOPosix
 /// Consistency: every operation holds an `fcntl` lock on the mbox file (exclusive to write,
 /// shared to read; open-file-description locks on Linux, so that two threads of one process
 /// exclude each other too, and they conflict with classic `F_SETLKW` locks of other programs).
+/// A lock not obtained within `lockPatience` (20 s) fails the operation (a delivery is retried later).
 /// An append remembers the end of the last indexed message, truncates anything after it (the
 /// torn tail of a writer killed mid-append), writes and fsyncs the entry, then appends and
 /// fsyncs the index line; on any error both files are truncated back, so earlier messages are
@@ -46,14 +47,20 @@ import NIOPosix
 public struct MboxStore: MailboxStore {
     public let root: String
     let threadPool: NIOThreadPool
+    /// How long an operation tries to lock the mbox before it fails (like Postfix's
+    /// `deliver_lock_attempts` × `deliver_lock_delay`): a holder may be a stopped process, and a
+    /// delivery that gives up is retried later, while one that waited would hold a thread of the
+    /// pool for good.
+    public let lockPatience: Duration
 
     /// Longest mailbox address: the file names of the index and its temporaries must fit in
     /// NAME_MAX (255).
     public static let maximumMailboxLength = 240
 
-    public init(root: String, threadPool: NIOThreadPool) {
+    public init(root: String, threadPool: NIOThreadPool, lockPatience: Duration = .seconds(20)) {
         self.root = FileStoreIO.normalize(root)
         self.threadPool = threadPool
+        self.lockPatience = lockPatience
     }
 
     public func makeDeliveryKey() -> String { MessageID.make() }
@@ -66,9 +73,11 @@ public struct MboxStore: MailboxStore {
         var indexTemporary: String
         var indexPending: String
         var rewrite: String
+        var lockPatience: Duration
 
-        init(root: String, name: String) {
+        init(root: String, name: String, lockPatience: Duration) {
             self.root = root
+            self.lockPatience = lockPatience
             self.mbox = "\(root)/\(name)"
             self.index = "\(root)/.\(name).index"
             self.indexTemporary = "\(root)/.\(name).index.tmp"
@@ -85,7 +94,9 @@ public struct MboxStore: MailboxStore {
     }
 
     func paths(of mailbox: String) throws(MailboxError) -> Paths {
-        Paths(root: self.root, name: try MailboxNames.fileName(of: mailbox, maximumLength: Self.maximumMailboxLength))
+        Paths(
+            root: self.root, name: try MailboxNames.fileName(of: mailbox, maximumLength: Self.maximumMailboxLength),
+            lockPatience: self.lockPatience)
     }
 
     func paths(of mailbox: String, folder: String) throws(MailboxError) -> Paths {
@@ -482,7 +493,7 @@ public struct MboxStore: MailboxStore {
             }
         }
         // Whoever opens the new file once it is in place waits for this rewrite to finish.
-        try Self.lock(out, exclusive: true, path: paths.rewrite)
+        try Self.lock(out, exclusive: true, path: paths.rewrite, patience: paths.lockPatience)
         var moved: [IndexEntry] = []
         var position = 0
         for entry in entries.sorted(by: { $0.offset < $1.offset }) {
@@ -526,24 +537,32 @@ public struct MboxStore: MailboxStore {
     // MARK: Locking
 
     #if os(Linux)
-    /// `F_OFD_SETLKW` (Linux 3.15+): not exported by Glibc's Swift module.
-    static let setLockWait: Int32 = 38
+    /// `F_OFD_SETLK` (Linux 3.15+): not exported by Glibc's Swift module.
+    static let setLock: Int32 = 37
     #else
-    static let setLockWait: Int32 = F_SETLKW
+    static let setLock: Int32 = F_SETLK
     #endif
 
-    /// Blocks until `fd` holds a whole-file lock.
-    static func lock(_ fd: Int32, exclusive: Bool, path: String) throws(FileStoreError) {
+    /// Takes a whole-file lock on `fd`, trying again every 50 ms for `patience`; then throws
+    /// `EWOULDBLOCK` ("mailbox locked by another process").
+    static func lock(_ fd: Int32, exclusive: Bool, path: String, patience: Duration) throws(FileStoreError) {
         var request = flock()
         request.l_type = Int16(exclusive ? F_WRLCK : F_RDLCK)
         request.l_whence = Int16(SEEK_SET)
         request.l_start = 0
         request.l_len = 0
         request.l_pid = 0
-        while fcntl(fd, Self.setLockWait, &request) != 0 {
+        let deadline = ContinuousClock.now + patience
+        while fcntl(fd, Self.setLock, &request) != 0 {
             let code = errno
             if code == EINTR { continue }
-            throw .system("fcntl(lock)", path, code)
+            guard code == EAGAIN || code == EACCES || code == EWOULDBLOCK else { throw .system("fcntl(lock)", path, code) }
+            guard ContinuousClock.now < deadline else {
+                throw FileStoreError(
+                    kind: .systemCall, operation: "fcntl(lock)", path: path, errorNumber: EWOULDBLOCK,
+                    reason: "mailbox locked by another process for \(patience)")
+            }
+            usleep(50_000)
         }
     }
 
@@ -566,7 +585,7 @@ public struct MboxStore: MailboxStore {
                 return try body(nil)
             }
             do {
-                try Self.lock(fd, exclusive: exclusive, path: paths.mbox)
+                try Self.lock(fd, exclusive: exclusive, path: paths.mbox, patience: paths.lockPatience)
                 var held = stat()
                 guard fstat(fd, &held) == 0 else { throw FileStoreError.system("fstat", paths.mbox, errno) }
                 guard let named = try FileStoreIO.lstatIfExists(paths.mbox), named.st_dev == held.st_dev,

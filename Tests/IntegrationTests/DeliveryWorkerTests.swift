@@ -82,7 +82,18 @@ struct DeliveryWorkerTests {
             // Generous: the full suite on 2 busy cores; the paused worker's rows may also stay
             // locked until PostgreSQL ends its idle transaction (15 s).
             let done = await q.waitUntilDelivered(expected, timeout: .seconds(180))
-            #expect(done, "the newer worker did not deliver everything (the paused worker's jobs after its lease) within 180 s; the newer worker's log:\n\(newer.stdout.suffix(3000))")
+            if !done {
+                let rows = (try? await psqlRows(
+                    q.url,
+                    "SELECT json_build_object('id', id, 'status', status, 'attempts', attempts, 'lease', lease_token, 'until', lease_until, 'next', next_retry, 'now', extract(epoch from now())::bigint) FROM queue_recipients WHERE status <> 'delivered' ORDER BY id LIMIT 10"
+                )) ?? []
+                let sessions = (try? await psqlRows(
+                    q.url,
+                    "SELECT json_build_object('pid', pid, 'state', state, 'wait', wait_event_type || '/' || wait_event, 'query', left(query, 120)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )) ?? []
+                Issue.record("undelivered rows: \(rows.map(\.values))\nsessions: \(sessions.map(\.values))")
+            }
+            #expect(done, "the newer worker did not deliver everything (the paused worker's jobs after its lease) within 180 s; the newer worker's log:\n\(newer.stdout.suffix(6000))")
             paused.signal(SIGCONT)
             // The resumed worker finishes its batch and tries to record it: refused, one line per
             // job. (Paused inside its recording transaction instead, it held row locks until

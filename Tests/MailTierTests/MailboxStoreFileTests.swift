@@ -190,6 +190,30 @@ struct MaildirStoreTests {
         #expect(exists(box + "/tmp/1700000000.M1P9.crashed"))
     }
 
+    /// A worker paused (SIGSTOP) past its lease keeps the lock on `tmp/<key>`: the newer attempt of
+    /// the job must not wait for it (it would wait as long as the pause, holding a pool thread).
+    @Test func aLockedDeliveryKeyDoesNotBlockTheNewerAttempt() async throws {
+        let scratch = try Scratch()
+        defer { scratch.remove() }
+        let store = MaildirStore(root: scratch.path, hostname: "mx.example", threadPool: self.pool)
+        #expect(try await store.deliver(buffer(message("first")), delivery(id: "msg_1", key: store.makeDeliveryKey())))
+        let box = scratch.path + "/u@example.com"
+        let key = store.makeDeliveryKey()
+        let held = open(box + "/tmp/" + key, O_WRONLY | O_CREAT, 0o600)
+        try #require(held >= 0)
+        defer { close(held) }
+        try #require(flock(held, LOCK_EX | LOCK_NB) == 0)
+
+        let started = ContinuousClock.now
+        #expect(try await store.deliver(buffer(message("second")), delivery(id: "msg_2", key: key)))
+        #expect(ContinuousClock.now - started < .seconds(5))
+        #expect(try text(box + "/new/" + key) == message("second"))
+        // The stalled attempt, or any other, finds it delivered.
+        #expect(try await store.deliver(buffer(message("second")), delivery(id: "msg_2", key: key)) == false)
+        #expect(try listing(box + "/tmp") == [key], "only the held file is left in tmp/")
+        #expect(try await store.list(mailbox: "u@example.com", folder: "INBOX", offset: 0, limit: 10).total == 2)
+    }
+
     @Test func maildirPlusPlusFolders() async throws {
         let scratch = try Scratch()
         defer { scratch.remove() }
@@ -432,6 +456,32 @@ struct MboxStoreTests {
         #expect(try await store.deliver(buffer("Subject: 4\r\n\r\nlost\r\n"), delivery(id: "msg_4")))
         #expect(try text(file).components(separatedBy: "Subject: 4").count == 2)
         #expect(try await store.usageBytes(of: "u@example.com") == Int64(try bytes(file).count))
+    }
+
+    /// A lock held by another program (here a classic `fcntl` lock, which conflicts with the
+    /// store's open-file-description locks) is waited for `lockPatience`, then the delivery fails
+    /// with a clear error — to be retried — instead of holding a pool thread for good.
+    @Test func aHeldLockFailsTheDeliveryAfterThePatience() async throws {
+        let scratch = try Scratch()
+        defer { scratch.remove() }
+        let store = MboxStore(root: scratch.path, threadPool: self.pool, lockPatience: .milliseconds(300))
+        #expect(try await store.deliver(buffer("Subject: a\r\n\r\n1\r\n"), delivery(id: "msg_a")))
+        let held = open(scratch.path + "/u@example.com", O_RDWR)
+        try #require(held >= 0)
+        var request = flock()
+        request.l_type = Int16(F_WRLCK)
+        request.l_whence = Int16(SEEK_SET)
+        try #require(fcntl(held, F_SETLK, &request) == 0)
+
+        let started = ContinuousClock.now
+        let error = await #expect(throws: FileStoreError.self) {
+            try await store.deliver(buffer("Subject: b\r\n\r\n2\r\n"), delivery(id: "msg_b"))
+        }
+        #expect(error?.errorNumber == EWOULDBLOCK && error?.description.contains("locked by another process") == true, "\(String(describing: error))")
+        #expect(ContinuousClock.now - started < .seconds(5))
+        close(held)  // releases the lock
+        #expect(try await store.deliver(buffer("Subject: b\r\n\r\n2\r\n"), delivery(id: "msg_b")))
+        #expect(try await store.list(mailbox: "u@example.com", folder: "INBOX", offset: 0, limit: 10).total == 2)
     }
 
     @Test func redeliveryStoresNothing() async throws {
