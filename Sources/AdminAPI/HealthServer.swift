@@ -36,22 +36,24 @@ public enum AdminAPI {
     /// `X-API-Version`, on every response.
     public static let version = "1.0"
 
-    public static func router(health: HealthEndpoint) -> Router<BasicRequestContext> {
-        let router = Router(context: BasicRequestContext.self)
+    /// `GET /health` always; with `services` (the admin role), the authenticated REST API too.
+    public static func router(health: HealthEndpoint, services: AdminServices? = nil) -> Router<AdminRequestContext> {
+        let router = Router(context: AdminRequestContext.self)
         router.add(middleware: APIResponseMiddleware())
         router.get("health") { _, _ -> Response in
             let report = await health.report()
             return jsonResponse(report.isHealthy ? .ok : .serviceUnavailable, report.json)
         }
+        if let services { addRoutes(to: router, services: services) }
         return router
     }
 
     /// The application as a swift-service-lifecycle `Service`, for the process's `ServiceGroup`.
     public static func application(
-        host: String, port: Int, health: HealthEndpoint, logger: Logger
+        host: String, port: Int, health: HealthEndpoint, services: AdminServices? = nil, logger: Logger
     ) -> some ApplicationProtocol & Service {
         Application(
-            router: router(health: health),
+            router: router(health: health, services: services),
             configuration: ApplicationConfiguration(address: .hostname(host, port: port), serverName: "MailTier"),
             logger: logger)
     }
@@ -79,6 +81,8 @@ struct APIResponseMiddleware<Context: RequestContext>: RouterMiddleware {
         var response: Response
         do {
             response = try await next(request, context)
+        } catch let error as APIError {
+            response = error.response
         } catch let error as any HTTPResponseError where error.status == .notFound {
             response = AdminAPI.errorResponse(
                 .notFound, error: "not_found", message: "no such endpoint: \(request.method) \(request.uri.path)")

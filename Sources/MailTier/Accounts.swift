@@ -221,6 +221,39 @@ public struct AccountService: Sendable {
         try await save(user)
     }
 
+    /// Several changes to one account at once (the admin API's `PUT`): every value is validated
+    /// before anything is written, then the account is saved once. Nil leaves a field as it is.
+    public struct Changes: Sendable, Equatable {
+        public var email: String?
+        public var password: String?
+        public var quotaMB: Int?
+        public var enabled: Bool?
+        public var isAdmin: Bool?
+
+        public init(email: String? = nil, password: String? = nil, quotaMB: Int? = nil, enabled: Bool? = nil, isAdmin: Bool? = nil) {
+            self.email = email
+            self.password = password
+            self.quotaMB = quotaMB
+            self.enabled = enabled
+            self.isAdmin = isAdmin
+        }
+    }
+
+    /// Applies `changes` to `username` and returns the account as saved. Throws `AccountError`.
+    public func update(username: String, _ changes: Changes) async throws -> User {
+        if let email = changes.email { try Self.validateEmail(email) }
+        if let password = changes.password { try Self.validatePassword(password) }
+        if let quotaMB = changes.quotaMB { try Self.validateQuota(quotaMB) }
+        var user = try await info(username: username)
+        if let email = changes.email { user.email = email }
+        if let password = changes.password { user.passwordHash = try await hasher.hash(password) }
+        if let quotaMB = changes.quotaMB { user.quotaMB = quotaMB }
+        if let enabled = changes.enabled { user.enabled = enabled }
+        if let isAdmin = changes.isAdmin { user.isAdmin = isAdmin }
+        try await save(user)
+        return user
+    }
+
     public func delete(username: String) async throws {
         guard try await users.delete(username: username) else { throw AccountError.unknownUser(username) }
     }

@@ -36,6 +36,8 @@ public struct RateLimits: Sendable, Equatable {
         case .command: rule = RateRule(limit: commandsPerMinute, window: .seconds(60))
         case .authFailure: rule = RateRule(limit: authFailuresPerHour, window: .seconds(3600))
         case .message: rule = RateRule(limit: messagesPerHour, window: .seconds(3600))
+        case .apiRequest: rule = RateRule(limit: commandsPerMinute, window: .seconds(60))
+        case .apiAuthFailure: rule = RateRule(limit: authFailuresPerHour, window: .seconds(3600))
         }
         return rule.limit > 0 ? rule : nil
     }
@@ -47,6 +49,10 @@ public enum RateLimitKind: String, Sendable, CaseIterable {
     case command
     case authFailure = "auth"
     case message
+    /// Admin API requests (the `commandsPerMinute` rule), per client address.
+    case apiRequest = "api"
+    /// Failed admin API logins (the `authFailuresPerHour` rule), per client address and per username.
+    case apiAuthFailure = "api-auth"
 }
 
 /// At most `limit` events per `window`.

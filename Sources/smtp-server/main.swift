@@ -174,8 +174,24 @@ let health = HealthEndpoint(
         HealthCheck("spool") { try await storage.pingSpool() },
     ]),
     connections: { listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0) })
+// The admin REST API (users, queue, stats) in the admin role and in `all`.
+var adminServices: AdminServices?
+if configuration.role == .all || configuration.role == .admin {
+    let limits = configuration.rateLimits
+    adminServices = AdminServices(
+        accounts: accounts, mailboxes: mailboxes, queue: queue, spool: spool,
+        authenticator: APIAuthenticator(
+            accounts: accounts, limiter: redis.limiter, settings: .init(failureRule: limits.rule(for: .apiAuthFailure))),
+        requestRule: limits.rule(for: .apiRequest), newMail: configuration.role == .all ? doorbell : nil,
+        statistics: {
+            try await AdminStatistics.collect(
+                queue: queue, accounts: accounts, mailboxes: mailboxes,
+                connections: listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0))
+        })
+}
 services.insert(
-    AdminAPI.application(host: configuration.host, port: configuration.healthPort, health: health, logger: logger),
+    AdminAPI.application(
+        host: configuration.host, port: configuration.healthPort, health: health, services: adminServices, logger: logger),
     at: redis.client == nil ? 0 : 1)
 
 let group = ServiceGroup(
