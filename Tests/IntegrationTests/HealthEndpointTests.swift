@@ -17,8 +17,20 @@ struct HealthAnswer {
 extension ServerHarness {
     /// `GET path` on the health port with curl (10 s limit); throws when nothing answers.
     func getHealth(_ path: String = "/health") async throws -> HealthAnswer {
+        try await http("GET", path)
+    }
+
+    /// One request to the health port (the admin API) with curl (10 s limit): Basic credentials
+    /// when `user` is given, `json` as the body. Throws when nothing answers or the body is not
+    /// a JSON object.
+    func http(_ method: String, _ path: String, user: (name: String, password: String)? = nil, json: String? = nil) async throws
+        -> HealthAnswer
+    {
+        var arguments = ["-s", "-i", "--max-time", "10", "-X", method]
+        if let user { arguments += ["-u", "\(user.name):\(user.password)"] }
+        if let json { arguments += ["-H", "Content-Type: application/json", "--data-binary", json] }
         let result = try await runProcess(
-            try Tools.path("curl"), ["-s", "-i", "--max-time", "10", "http://127.0.0.1:\(healthPort)\(path)"],
+            try Tools.path("curl"), arguments + ["http://127.0.0.1:\(healthPort)\(path)"],
             environment: cleanEnvironment(), timeout: .seconds(30))
         guard result.status == 0, let split = result.stdout.range(of: "\r\n\r\n") else {
             throw HarnessError("no HTTP answer on the health port \(healthPort) (curl status \(result.status)):\n\(result.output)")
@@ -32,7 +44,7 @@ extension ServerHarness {
         }
         let text = String(result.stdout[split.upperBound...])
         let body = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
-        guard let body else { throw HarnessError("not a JSON object from \(path): \(text)") }
+        guard let body else { throw HarnessError("not a JSON object from \(method) \(path): \(text)") }
         return HealthAnswer(status: status, headers: headers, body: body, text: text)
     }
 }
