@@ -35,9 +35,14 @@ public struct PostgresMessageQueue: MessageQueue {
 
     /// One statement; with `ifAbsent`, an existing id makes the message insert do nothing
     /// (`ON CONFLICT (id) DO NOTHING`), so no recipient row is inserted either: returns false.
+    ///
+    /// Inside BEGIN … COMMIT, although it is one statement: on its own, its success is reported
+    /// (CommandComplete) before the implicit transaction commits at Sync, and a server that dies
+    /// in between flushes that report on its way out — a 250 for a message that was never
+    /// committed. COMMIT's own reply comes only once the commit is durable.
     private func insert(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int, ifAbsent: Bool) async throws -> Bool {
         let clean = PostgresSearchText.withoutNUL
-        let inserted = try await database.query(
+        let inserted = try await database.transaction { transaction in try await transaction.query(
             """
             WITH message AS (
                 INSERT INTO queue_messages (id, blob_key, sha256, size_bytes, mail_from, subject, smtputf8, body_type,
@@ -56,7 +61,7 @@ public struct PostgresMessageQueue: MessageQueue {
             FROM message, unnest(\(recipients.map(\.address))::text[], \(recipients.map(\.domain))::text[],
                 \(recipients.map(\.isLocal))::boolean[]) AS r(recipient, domain, is_local)
             RETURNING message_id
-            """)
+            """) }
         return !inserted.isEmpty
     }
 
