@@ -1,4 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import MailTier
+import NIOConcurrencyHelpers
+import Foundation
 
 /// One dependency `GET /health` asks about: `run` answers when it is fine, throws when not.
 public struct HealthCheck: Sendable {
@@ -96,5 +101,102 @@ public actor HealthChecks {
     static func seconds(_ duration: Duration) -> String {
         let (seconds, attoseconds) = duration.components
         return attoseconds == 0 ? "\(seconds) s" : "\(Double(seconds) + Double(attoseconds) / 1e18) s"
+    }
+}
+
+// MARK: - Local resources (API.md "Unhealthy Conditions")
+
+extension HealthCheck {
+    /// Fails when the file system holding `path` has less than `minimumFreePercent` free (as
+    /// an unprivileged process sees it: `f_bavail`).
+    public static func diskSpace(_ path: String, minimumFreePercent: Double = 10) -> HealthCheck {
+        HealthCheck("disk") {
+            var stats = statvfs()
+            guard statvfs(path, &stats) == 0 else {
+                throw HealthProblem("cannot read the file system of \(path): \(String(cString: strerror(errno)))")
+            }
+            guard stats.f_blocks > 0 else { return }
+            let free = Double(stats.f_bavail) / Double(stats.f_blocks) * 100
+            if free < minimumFreePercent {
+                throw HealthProblem(
+                    "\(String(format: "%.1f", free))% free on the file system of \(path) (under \(Int(minimumFreePercent))%)")
+            }
+        }
+    }
+
+    /// Fails when this process's resident memory is above `maximumPercent` of what it may use: the
+    /// cgroup's `memory.max` (a container limit), else the machine's memory.
+    public static func memory(maximumPercent: Double = 90, usage: @escaping @Sendable () -> MemoryUsage = MemoryUsage.current)
+        -> HealthCheck
+    {
+        HealthCheck("memory") {
+            guard let limit = MemoryUsage.limitBytes(), limit > 0 else { return }
+            let used = Double(usage().residentBytes) / Double(limit) * 100
+            if used > maximumPercent {
+                throw HealthProblem(
+                    "\(String(format: "%.1f", used))% of the memory limit in use (over \(Int(maximumPercent))%)")
+            }
+        }
+    }
+
+    /// Fails while more than `limit` connections were refused (over the connection limit or a
+    /// rate limit) within the last `window`. `refused` is the count since the start.
+    public static func refusedConnections(
+        limit: Int = 100, window: Duration = .seconds(60), refused: @escaping @Sendable () -> Int
+    ) -> HealthCheck {
+        let samples = SpikeWindow(window: window)
+        return HealthCheck("connections") {
+            let recent = samples.increase(now: ContinuousClock.now, total: refused())
+            if recent > limit {
+                throw HealthProblem("\(recent) connections refused in the last \(HealthChecks.seconds(window)) (over \(limit))")
+            }
+        }
+    }
+}
+
+/// A health problem, as the check's one line.
+struct HealthProblem: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// How much a growing total rose within the last `window`, from samples taken when asked.
+final class SpikeWindow: Sendable {
+    private let window: Duration
+    private let samples = NIOLockedValueBox<[(at: ContinuousClock.Instant, total: Int)]>([])
+
+    init(window: Duration) { self.window = window }
+
+    func increase(now: ContinuousClock.Instant, total: Int) -> Int {
+        samples.withLockedValue { samples in
+            samples.append((now, total))
+            // Keep one sample at or before the window's start, as the baseline.
+            while samples.count > 1, now - samples[1].at >= window { samples.removeFirst() }
+            return total - samples[0].total
+        }
+    }
+}
+
+extension MemoryUsage {
+    /// The cgroup v2 `memory.max` of this process, or v1's `memory.limit_in_bytes`, when set;
+    /// otherwise `MemTotal` of /proc/meminfo. nil when none can be read.
+    static func limitBytes() -> UInt64? {
+        func read(_ path: String) -> String? {
+            guard let file = fopen(path, "r") else { return nil }
+            defer { fclose(file) }
+            var buffer = [CChar](repeating: 0, count: 4096)
+            let count = fread(&buffer, 1, buffer.count - 1, file)
+            return String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+        let machine = read("/proc/meminfo")?.split(separator: "\n").first { $0.hasPrefix("MemTotal:") }
+            .flatMap { $0.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } }.map { $0 * 1024 }
+        for path in ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"] {
+            if let text = read(path)?.trimmingCharacters(in: .whitespacesAndNewlines), let value = UInt64(text),
+                value < (machine ?? .max)
+            {
+                return value
+            }
+        }
+        return machine
     }
 }

@@ -45,6 +45,7 @@ public final class SMTPServer: Service, Sendable {
     private let logger: Logger
     private let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
     private let acceptedConnections = NIOLockedValueBox(0)
+    private let refusedConnections = NIOLockedValueBox(0)
     private let boundAddress = NIOLockedValueBox<SocketAddress?>(nil)
 
     public init(
@@ -66,6 +67,9 @@ public final class SMTPServer: Service, Sendable {
 
     /// Connections accepted since `run()` started, including those refused for being too many.
     public var totalConnections: Int { acceptedConnections.withLockedValue { $0 } }
+
+    /// Connections refused since `run()` started for being over `maxConnections`.
+    public var refusedForLimit: Int { refusedConnections.withLockedValue { $0 } }
 
     public func run() async throws {
         let serverChannel = try await ServerBootstrap(group: group)
@@ -112,6 +116,7 @@ public final class SMTPServer: Service, Sendable {
             return true
         }
         guard admitted else {
+            refusedConnections.withLockedValue { $0 += 1 }
             logger.warning("too many connections", metadata: ["client": "\(channel.remoteAddress?.ipAddress ?? "?")"])
             try channel.pipeline.syncOperations.addHandler(RefuseConnectionHandler(reply: .tooManyConnections(configuration.session.hostname)))
             return

@@ -165,14 +165,34 @@ if configuration.role == .all || configuration.role == .delivery {
     services.append(delivery)
 }
 
+/// `disk` for the directory this process writes mail or its database to, when it has one.
+func localDiskChecks(_ configuration: Configuration) -> [HealthCheck] {
+    var path: String?
+    if configuration.storageType != .s3 && configuration.storageType != .database {
+        path = configuration.storagePath
+    } else if configuration.databaseURL == nil {
+        path = (configuration.dbPath as NSString).deletingLastPathComponent
+    }
+    guard var path else { return [] }
+    if path.isEmpty { path = "." }
+    // The directory may not exist yet (created at the first delivery): its nearest existing parent.
+    while !FileManager.default.fileExists(atPath: path), path != "/" { path = (path as NSString).deletingLastPathComponent }
+    return [HealthCheck.diskSpace(path)]
+}
+
 // GET /health in every role (the only service of `admin` for now). After the Redis client and
 // before the roles, so it answers until the roles have stopped.
 let listener = smtpServer
 let health = HealthEndpoint(
-    checks: HealthChecks([
-        HealthCheck("database") { try await storage.pingDatabase() },
-        HealthCheck("spool") { try await storage.pingSpool() },
-    ]),
+    checks: HealthChecks(
+        [
+            HealthCheck("database") { try await storage.pingDatabase() },
+            HealthCheck("spool") { try await storage.pingSpool() },
+            // API.md's unhealthy conditions: disk under 10 % free, memory over 90 %, a spike of
+            // refused connections.
+            HealthCheck.memory(),
+        ] + localDiskChecks(configuration)
+            + (listener.map { server in [HealthCheck.refusedConnections { server.refusedForLimit }] } ?? [])),
     connections: { listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0) })
 // The admin REST API (users, queue, stats) in the admin role and in `all`.
 var adminServices: AdminServices?

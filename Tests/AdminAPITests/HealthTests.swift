@@ -3,6 +3,7 @@ import Synchronization
 import Hummingbird
 import HummingbirdTesting
 import MailTier
+import NIOConcurrencyHelpers
 import Testing
 
 @testable import AdminAPI
@@ -175,5 +176,47 @@ private func json(_ buffer: ByteBuffer) throws -> [String: Any] {
         let now = MemoryUsage.current()
         #expect(now.residentBytes > 0 && now.heapBytes > 0 && now.heapBytes <= now.residentBytes)
         #endif
+    }
+}
+
+@Suite struct ResourceHealthChecksTests {
+    @Test func diskSpaceFailsUnderTheMinimum() async throws {
+        let fine = await HealthChecks.outcome(of: .diskSpace(NSTemporaryDirectory(), minimumFreePercent: 0), within: .seconds(5))
+        #expect(fine.isOK, "\(fine)")
+        let short = await HealthChecks.outcome(of: .diskSpace(NSTemporaryDirectory(), minimumFreePercent: 100.5), within: .seconds(5))
+        #expect(short.name == "disk")
+        #expect(short.problem?.contains("% free on the file system of") == true && short.problem?.contains("(under 100%)") == true, "\(short)")
+        let missing = await HealthChecks.outcome(of: .diskSpace("/no/such/dir"), within: .seconds(5))
+        #expect(missing.problem?.contains("cannot read the file system of /no/such/dir") == true, "\(missing)")
+    }
+
+    @Test func memoryFailsOverTheMaximum() async throws {
+        let limit = try #require(MemoryUsage.limitBytes())
+        #expect(limit > 0)
+        let fine = await HealthChecks.outcome(of: .memory(), within: .seconds(5))
+        #expect(fine.isOK, "a test process is not near the machine's memory: \(fine)")
+        let full = HealthCheck.memory(usage: { MemoryUsage(residentBytes: limit / 100 * 95, heapBytes: 0) })
+        let answer = await HealthChecks.outcome(of: full, within: .seconds(5))
+        #expect(answer.problem?.hasSuffix("% of the memory limit in use (over 90%)") == true, "\(answer)")
+    }
+
+    @Test func refusedConnectionsSpikeIsCountedOverTheWindow() {
+        let window = SpikeWindow(window: .seconds(60))
+        let start = ContinuousClock.now
+        #expect(window.increase(now: start, total: 10) == 0)
+        #expect(window.increase(now: start + .seconds(20), total: 80) == 70)
+        #expect(window.increase(now: start + .seconds(50), total: 150) == 140)
+        // A minute after the first sample, the baseline moves to the sample at 20 s.
+        #expect(window.increase(now: start + .seconds(85), total: 160) == 80)
+        #expect(window.increase(now: start + .seconds(200), total: 160) == 0)
+    }
+
+    @Test func refusedConnectionsCheckFailsOverTheLimit() async {
+        let refused = NIOLockedValueBox(0)
+        let check = HealthCheck.refusedConnections(limit: 5) { refused.withLockedValue { $0 } }
+        #expect(await HealthChecks.outcome(of: check, within: .seconds(5)).isOK)
+        refused.withLockedValue { $0 = 6 }
+        let answer = await HealthChecks.outcome(of: check, within: .seconds(5))
+        #expect(answer.problem == "6 connections refused in the last 60 s (over 5)", "\(answer)")
     }
 }

@@ -64,7 +64,7 @@ struct HealthEndpointIntegrationTests {
             let memory = first.body["memory"] as? [String: Double] ?? [:]
             #expect(Set(memory.keys) == ["allocated_mb", "heap_mb"], "\(first.text)")
             #expect(memory["allocated_mb", default: 0] > 0)
-            #expect(first.checks == ["database": "ok", "spool": "ok"])
+            #expect(first.checks == ["database": "ok", "spool": "ok", "memory": "ok", "disk": "ok", "connections": "ok"], "\(first.text)")
             #expect(Set(first.connections.keys) == ["active", "total"])
 
             let before = first.connections["total", default: 0]
@@ -90,7 +90,7 @@ struct HealthEndpointIntegrationTests {
             #expect(answer.status == 200, "\(answer.text)")
             #expect(answer.body["status"] as? String == "healthy")
             #expect(answer.connections == ["active": 0, "total": 0])
-            #expect(answer.checks == ["database": "ok", "spool": "ok"])
+            #expect(answer.checks == ["database": "ok", "spool": "ok", "memory": "ok", "disk": "ok"], "\(answer.text)")
             let port = h.smtpPort
             let greeting = await onBackgroundThread { Ports.probeGreeting(port: port) }
             #expect(greeting == nil, "admin opened an SMTP listener")
@@ -143,7 +143,10 @@ struct HealthEndpointIntegrationTests {
                     return last?.status == 200
                 }
                 #expect(healthy, "\(role): \(last?.text ?? "no answer")")
-                #expect(last?.checks == ["database": "ok", "spool": "ok"], "\(role): \(last?.text ?? "")")
+                let checks = last?.checks ?? [:]
+                #expect(checks["database"] == "ok" && checks["spool"] == "ok" && checks["memory"] == "ok", "\(role): \(last?.text ?? "")")
+                #expect(checks.values.allSatisfy { $0 == "ok" }, "\(role): \(last?.text ?? "")")
+                #expect((checks["connections"] != nil) == (role == "ingress"), "\(role): \(last?.text ?? "")")
                 #expect(last?.headers["x-api-version"] == "1.0")
             }
             let missing = "mailtier-missing-\(UUID().uuidString.prefix(8).lowercased())"
