@@ -138,7 +138,7 @@ public final class DeliveryService: Service, Sendable {
 
     /// Counts recipients whose delivery was recorded as done (`status="delivered"`) or failed for
     /// good (`status="failed"`), API.md's `smtp_messages_sent_total{status}`.
-    public static let sentMetric = "smtp_messages_sent_total"
+    public static let sentMetric = MailTierMetrics.messagesSent
 
     /// With `quota`, a message that would take an account over its quota is deferred (and failed
     /// once its attempts run out). Without `remote`, only local recipients are claimed. Without
@@ -150,13 +150,8 @@ public final class DeliveryService: Service, Sendable {
         logger: Logger
     ) {
         self.leases = leases
-        func counter(_ status: String) -> Counter {
-            let dimensions = [("status", status)]
-            return metricsFactory.map { Counter(label: Self.sentMetric, dimensions: dimensions, factory: $0) }
-                ?? Counter(label: Self.sentMetric, dimensions: dimensions)
-        }
-        delivered = counter("delivered")
-        failed = counter("failed")
+        delivered = MailTierMetrics.counter(Self.sentMetric, [("status", "delivered")], factory: metricsFactory)
+        failed = MailTierMetrics.counter(Self.sentMetric, [("status", "failed")], factory: metricsFactory)
         self.queue = queue
         self.spool = spool
         self.mailboxes = mailboxes

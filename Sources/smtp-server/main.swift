@@ -15,6 +15,7 @@ import MailTierPostgres
 import MailTierRedis
 import MailTierS3
 import MailTierSQLite
+import Metrics
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -52,6 +53,9 @@ LoggingSystem.bootstrap { label in
     return handler
 }
 let logger = Logger(label: "mailtier")
+// GET /metrics: every swift-metrics metric of this process, in Prometheus text format.
+let metricsFactory = MailTierPrometheusFactory()
+MetricsSystem.bootstrap(metricsFactory)
 
 if migrateOnly {
     let threadPool = NIOThreadPool(numberOfThreads: 1)
@@ -138,13 +142,16 @@ let delivery = DeliveryService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
     // Cluster mode: each claimed job's lease mirrored in Redis (`job:<message id>:<id>`).
     leases: redis.client == nil ? nil : redis.leases,
+    // smtp_messages_sent_total where mail is delivered: the delivery role, and ingress through ATRN.
+    metricsFactory: configuration.role == .admin ? NOOPMetricsHandler.instance : metricsFactory,
     logger: logger)
 var smtpServer: SMTPServer?
 if configuration.role == .all || configuration.role == .ingress {
     let ingress = IngressService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
         newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter,
-        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger), logger: logger)
+        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger),
+        metrics: IngressMetrics(factory: metricsFactory), logger: logger)
     let server = SMTPServer(
         configuration: .init(
             host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
@@ -177,6 +184,25 @@ let health = HealthEndpoint(
 services.insert(
     AdminAPI.application(host: configuration.host, port: configuration.healthPort, health: health, logger: logger),
     at: redis.client == nil ? 0 : 1)
+
+// GET /metrics in every role, on SMTP_METRICS_HOST (loopback by default). Each role exposes what
+// it measures (MailTierMetrics): ingress its listener's connections, delivery and admin the queue,
+// every role its memory. Gauges are read just before each scrape.
+let connectionMetrics = listener.map { _ in ConnectionMetrics(factory: metricsFactory) }
+let queueMetrics = configuration.role == .ingress ? nil : QueueMetrics(queue: queue, factory: metricsFactory)
+let metrics = MetricsEndpoint(factory: metricsFactory, refresh: {
+    if let listener, let connectionMetrics {
+        connectionMetrics.update(active: listener.activeConnections, total: listener.totalConnections)
+    }
+    do {
+        try await queueMetrics?.update()
+    } catch {
+        logger.warning("smtp_messages_queued: cannot read the queue", metadata: ["error": "\(error)"])
+    }
+})
+services.insert(
+    metrics.application(host: configuration.metricsHost, port: configuration.metricsPort, logger: logger),
+    at: redis.client == nil ? 1 : 2)
 
 let group = ServiceGroup(
     configuration: .init(

@@ -14,23 +14,29 @@ struct HealthAnswer {
     var connections: [String: Int] { body["connections"] as? [String: Int] ?? [:] }
 }
 
+/// `GET http://127.0.0.1:<port><path>` with curl (10 s limit): status, lower-cased header names,
+/// body. Throws when nothing answers.
+func httpGet(port: Int, _ path: String) async throws -> (status: Int, headers: [String: String], body: String) {
+    let result = try await runProcess(
+        try Tools.path("curl"), ["-s", "-i", "--max-time", "10", "http://127.0.0.1:\(port)\(path)"],
+        environment: cleanEnvironment(), timeout: .seconds(30))
+    guard result.status == 0, let split = result.stdout.range(of: "\r\n\r\n") else {
+        throw HarnessError("no HTTP answer on port \(port) (curl status \(result.status)):\n\(result.output)")
+    }
+    let head = result.stdout[..<split.lowerBound].split(separator: "\r\n")
+    let status = head.first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+    var headers: [String: String] = [:]
+    for line in head.dropFirst() {
+        guard let colon = line.firstIndex(of: ":") else { continue }
+        headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    }
+    return (status, headers, String(result.stdout[split.upperBound...]))
+}
+
 extension ServerHarness {
-    /// `GET path` on the health port with curl (10 s limit); throws when nothing answers.
+    /// `GET path` on the health port; throws when nothing answers.
     func getHealth(_ path: String = "/health") async throws -> HealthAnswer {
-        let result = try await runProcess(
-            try Tools.path("curl"), ["-s", "-i", "--max-time", "10", "http://127.0.0.1:\(healthPort)\(path)"],
-            environment: cleanEnvironment(), timeout: .seconds(30))
-        guard result.status == 0, let split = result.stdout.range(of: "\r\n\r\n") else {
-            throw HarnessError("no HTTP answer on the health port \(healthPort) (curl status \(result.status)):\n\(result.output)")
-        }
-        let head = result.stdout[..<split.lowerBound].split(separator: "\r\n")
-        let status = head.first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
-        var headers: [String: String] = [:]
-        for line in head.dropFirst() {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-        }
-        let text = String(result.stdout[split.upperBound...])
+        let (status, headers, text) = try await httpGet(port: healthPort, path)
         let body = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
         guard let body else { throw HarnessError("not a JSON object from \(path): \(text)") }
         return HealthAnswer(status: status, headers: headers, body: body, text: text)
