@@ -25,14 +25,16 @@ public struct IngressService: SMTPServerDelegate {
     /// Delivers queued mail over a connection turned around by ATRN; without it, ATRN for a
     /// domain with mail waiting answers 451 (try later).
     public let turnaround: (any ATRNDeliverer)?
-    /// Messages received, their processing time and size, AUTH attempts.
+    /// Messages received, their processing time and size, AUTH attempts. By default nothing is
+    /// recorded: an `IngressService` used only as a router (bounces) must not register ingress
+    /// metrics in a role that does not receive mail.
     public let metrics: IngressMetrics
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
         newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(),
-        turnaround: (any ATRNDeliverer)? = nil, metrics: IngressMetrics = IngressMetrics(), logger: Logger
+        turnaround: (any ATRNDeliverer)? = nil, metrics: IngressMetrics = .none, logger: Logger
     ) {
         self.metrics = metrics
         self.limiter = limiter

@@ -86,6 +86,9 @@ public struct IngressMetrics: Sendable {
         size = factory.map { Recorder(label: M.messageSize, aggregate: true, factory: $0) } ?? Recorder(label: M.messageSize)
     }
 
+    /// Records nothing.
+    public static let none = IngressMetrics(factory: NOOPMetricsHandler.instance)
+
     /// A message's content arrived and got its final reply after `processing`; `sizeBytes` when
     /// the content was kept whole (a message refused for its size or its line endings has none).
     public func messageReceived(sizeBytes: Int?, accepted: Bool, processing: Duration) {

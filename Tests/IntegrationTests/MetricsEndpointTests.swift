@@ -89,7 +89,10 @@ func listeningAddresses(port: Int) -> [String] {
     let portHex = String(format: "%04X", port)
     var addresses: [String] = []
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { continue }
+        // Read to EOF: /proc files have no size, so whole-file reads that trust stat() get nothing.
+        guard let handle = FileHandle(forReadingAtPath: file), let data = try? handle.readToEnd() else { continue }
+        try? handle.close()
+        let text = String(decoding: data, as: UTF8.self)
         for line in text.split(separator: "\n").dropFirst() {
             let fields = line.split(separator: " ")
             guard fields.count > 3, fields[3] == "0A" else { continue }  // 0A: LISTEN
