@@ -31,8 +31,8 @@ public enum SMTPDeliveryOutcome: Sendable {
     case rejected(SMTPReply)
 }
 
-/// One message whose content arrived (the end of DATA, or BDAT LAST, or a chunk refused in a
-/// transaction), told to the delegate once its final reply is sent: for counting, never for policy.
+/// One message whose content arrived (the end of DATA, BDAT LAST, or a BDAT chunk refused), told
+/// to the delegate as its final reply goes out: for counting, never for policy.
 public struct SMTPMessageReceipt: Sendable, Equatable {
     /// The content's octets, when it arrived whole and went to `deliver`; nil when the server
     /// refused it itself (over SIZE, a bare CR or LF, a line too long, a BDAT chunk refused),
