@@ -2,7 +2,7 @@
 # Installs what building and testing MailTier needs, when it is missing (Debian, as root).
 set -euo pipefail
 
-apt_packages=(libargon2-dev libsqlite3-dev libhiredis-dev libc-ares-dev dnsmasq-base swaks openssl curl postgresql-15 postgresql-client-15 redis-server haproxy)
+apt_packages=(libargon2-dev libsqlite3-dev libhiredis-dev libc-ares-dev dnsmasq-base swaks openssl curl postgresql-15 postgresql-client-15 redis-server haproxy prometheus)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -79,6 +79,9 @@ public struct Configuration: Sendable, Equatable {
     public var enableAuth: Bool = true
     public var healthPort: Int = 8080
     public var metricsPort: Int = 8081
+    /// `SMTP_METRICS_HOST` (MailTier's addition): `GET /metrics` needs no authentication, so it
+    /// listens on the loopback interface unless told otherwise.
+    public var metricsHost: String = "127.0.0.1"
     public var logLevel: LogLevel = .info
     public var enableSpamAssassin: Bool = false
     public var spamAssassinHost: String = "127.0.0.1"
@@ -203,6 +206,9 @@ extension Configuration {
         Variable(name: "SMTP_ENABLE_AUTH", defaultValue: "true", summary: "Require AUTH before MAIL (relaying always needs AUTH)"),
         Variable(name: "SMTP_HEALTH_PORT", defaultValue: "8080", summary: "Health/API port"),
         Variable(name: "SMTP_METRICS_PORT", defaultValue: "8081", summary: "Prometheus metrics port"),
+        Variable(
+            name: "SMTP_METRICS_HOST", defaultValue: "127.0.0.1",
+            summary: "Bind address of GET /metrics (no authentication: loopback unless set)"),
         Variable(name: "SMTP_LOG_LEVEL", defaultValue: "info", summary: "Log level (debug/info/warn/error)"),
         Variable(name: "SMTP_ENABLE_SPAMASSASSIN", defaultValue: "false", summary: "Enable SpamAssassin (spamd)"),
         Variable(name: "SMTP_SPAMASSASSIN_HOST", defaultValue: "127.0.0.1", summary: "SpamAssassin host"),
@@ -338,6 +344,7 @@ extension Configuration {
         config.enableAuth = try env.bool("SMTP_ENABLE_AUTH") ?? config.enableAuth
         config.healthPort = try env.int("SMTP_HEALTH_PORT", in: 1...65535) ?? config.healthPort
         config.metricsPort = try env.int("SMTP_METRICS_PORT", in: 1...65535) ?? config.metricsPort
+        config.metricsHost = try env.host("SMTP_METRICS_HOST") ?? config.metricsHost
         config.logLevel = try env.choice("SMTP_LOG_LEVEL", LogLevel.self) ?? config.logLevel
         config.enableSpamAssassin = try env.bool("SMTP_ENABLE_SPAMASSASSIN") ?? config.enableSpamAssassin
         config.spamAssassinHost = try env.host("SMTP_SPAMASSASSIN_HOST") ?? config.spamAssassinHost

@@ -132,13 +132,15 @@ public final class DeliveryService: Service, Sendable {
     private let remote: (any RemoteTransport)?
     private let notifier: (any FailureNotifier)?
     private let leases: (any LeaseStore)?
+    /// `GET /stats`'s `messages.sent`, when given.
+    private let counters: ProcessCounters?
     private let delivered: Counter
     private let failed: Counter
     private let logger: Logger
 
     /// Counts recipients whose delivery was recorded as done (`status="delivered"`) or failed for
     /// good (`status="failed"`), API.md's `smtp_messages_sent_total{status}`.
-    public static let sentMetric = "smtp_messages_sent_total"
+    public static let sentMetric = MailTierMetrics.messagesSent
 
     /// With `quota`, a message that would take an account over its quota is deferred (and failed
     /// once its attempts run out). Without `remote`, only local recipients are claimed. Without
@@ -147,16 +149,12 @@ public final class DeliveryService: Service, Sendable {
         queue: any MessageQueue, spool: any BlobStore, mailboxes: any MailboxStore, settings: Settings, doorbell: Doorbell,
         quota: (users: any UserStore, checker: QuotaChecker)? = nil, remote: (any RemoteTransport)? = nil,
         notifier: (any FailureNotifier)? = nil, leases: (any LeaseStore)? = nil, metricsFactory: (any MetricsFactory)? = nil,
-        logger: Logger
+        counters: ProcessCounters? = nil, logger: Logger
     ) {
+        self.counters = counters
         self.leases = leases
-        func counter(_ status: String) -> Counter {
-            let dimensions = [("status", status)]
-            return metricsFactory.map { Counter(label: Self.sentMetric, dimensions: dimensions, factory: $0) }
-                ?? Counter(label: Self.sentMetric, dimensions: dimensions)
-        }
-        delivered = counter("delivered")
-        failed = counter("failed")
+        delivered = MailTierMetrics.counter(Self.sentMetric, [("status", "delivered")], factory: metricsFactory)
+        failed = MailTierMetrics.counter(Self.sentMetric, [("status", "failed")], factory: metricsFactory)
         self.queue = queue
         self.spool = spool
         self.mailboxes = mailboxes
@@ -312,7 +310,9 @@ public final class DeliveryService: Service, Sendable {
                 continue
             }
             switch outcome {
-            case .delivered: delivered.increment()
+            case .delivered:
+                delivered.increment()
+                counters?.update { $0.sent += 1 }
             case .failed: failed.increment()
             case .retry: break
             }

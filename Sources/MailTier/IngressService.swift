@@ -25,13 +25,18 @@ public struct IngressService: SMTPServerDelegate {
     /// Delivers queued mail over a connection turned around by ATRN; without it, ATRN for a
     /// domain with mail waiting answers 451 (try later).
     public let turnaround: (any ATRNDeliverer)?
+    /// Messages received, their processing time and size, AUTH attempts. By default nothing is
+    /// recorded: an `IngressService` used only as a router (bounces) must not register ingress
+    /// metrics in a role that does not receive mail.
+    public let metrics: IngressMetrics
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
         newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(),
-        turnaround: (any ATRNDeliverer)? = nil, logger: Logger
+        turnaround: (any ATRNDeliverer)? = nil, metrics: IngressMetrics = .none, logger: Logger
     ) {
+        self.metrics = metrics
         self.limiter = limiter
         self.turnaround = turnaround
         self.configuration = configuration
@@ -76,6 +81,7 @@ public struct IngressService: SMTPServerDelegate {
         guard let refusal = await hit(.connection, session: session) else { return nil }
         if refusal.unavailable { return .rateLimiterUnavailable(configuration.hostname) }
         logger.notice("connection rate limit", metadata: ["client": "\(session.clientAddress)"])
+        metrics.connectionRefused()
         return .connectionRateExceeded(configuration.hostname)
     }
 
@@ -92,9 +98,12 @@ public struct IngressService: SMTPServerDelegate {
         if let refusal = await peek(.authFailure, session: session) {
             if refusal.unavailable { throw SMTPRefusal(.authTemporaryFailure) }
             logger.notice("AUTH refused: too many failures", metadata: ["client": "\(session.clientAddress)"])
+            metrics.authenticationAttempted(succeeded: false)
             throw SMTPRefusal(.authRateExceeded)
         }
+        // A temporary failure (the store unreachable) throws before it counts: not an attempt judged.
         let user = try await accounts.authenticate(login: login, password: password)
+        metrics.authenticationAttempted(succeeded: user != nil)
         if user == nil {
             logger.info("AUTH failed", metadata: ["client": "\(session.clientAddress)"])
             _ = await hit(.authFailure, session: session)
@@ -223,6 +232,10 @@ public struct IngressService: SMTPServerDelegate {
                 "message not queued", metadata: ["queue_id": "\(id)", "client": "\(session.clientAddress)", "error": "\(error)"])
             return .rejected(.storageFailure)
         }
+    }
+
+    public func messageReceived(_ receipt: SMTPMessageReceipt) {
+        metrics.messageReceived(sizeBytes: receipt.sizeBytes, accepted: receipt.accepted, processing: receipt.processing)
     }
 
     /// RFC 5321 §4.4 trace field; RFC 3848 / RFC 6531 protocol names.

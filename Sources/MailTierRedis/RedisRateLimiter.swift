@@ -109,10 +109,10 @@ public final class RedisRateLimiter: RateLimiter {
         self.policy = policy
         self.fallback = fallback
         self.logger = logger
-        self.failures = metricsFactory.map { Counter(label: Self.failureMetric, factory: $0) } ?? Counter(label: Self.failureMetric)
+        self.failures = MailTierMetrics.counter(Self.failureMetric, factory: metricsFactory)
     }
 
-    public static let failureMetric = "smtp_redis_failures_total"
+    public static let failureMetric = MailTierMetrics.redisFailures
 
     /// True from a failed call until the next call that reaches Redis.
     public var isDegraded: Bool { health.withLockedValue { $0.degraded } }

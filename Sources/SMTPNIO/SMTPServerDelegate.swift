@@ -31,6 +31,25 @@ public enum SMTPDeliveryOutcome: Sendable {
     case rejected(SMTPReply)
 }
 
+/// One message whose content arrived (the end of DATA, BDAT LAST, or a BDAT chunk refused), told
+/// to the delegate as its final reply goes out: for counting, never for policy.
+public struct SMTPMessageReceipt: Sendable, Equatable {
+    /// The content's octets, when it arrived whole and went to `deliver`; nil when the server
+    /// refused it itself (over SIZE, a bare CR or LF, a line too long, a BDAT chunk refused),
+    /// having dropped what it did not keep.
+    public var sizeBytes: Int?
+    /// The final reply was 250: the message is queued.
+    public var accepted: Bool
+    /// From the end of the content to the final reply.
+    public var processing: Duration
+
+    public init(sizeBytes: Int?, accepted: Bool, processing: Duration) {
+        self.sizeBytes = sizeBytes
+        self.accepted = accepted
+        self.processing = processing
+    }
+}
+
 /// Thrown by a delegate to answer with `reply` instead of the generic one (e.g. an AUTH lockout).
 public struct SMTPRefusal: Error, Sendable {
     public var reply: SMTPReply
@@ -60,6 +79,8 @@ public protocol SMTPServerDelegate: Sendable {
     /// RFC 2645: `.reply` answers and the session goes on; `.turnAround` sends its 250 and hands
     /// the connection over, the server's part in it done.
     func atrn(domains: [String], user: String, session: SMTPSessionInfo) async -> SMTPATRNDecision
+    /// A message got its final reply. Called on the event loop: it must not block.
+    func messageReceived(_ receipt: SMTPMessageReceipt)
 }
 
 /// What an ATRN request comes to.
@@ -83,4 +104,5 @@ public enum SMTPATRNDecision: Sendable {
 extension SMTPServerDelegate {
     public func connectionOpened(session: SMTPSessionInfo) async -> SMTPReply? { nil }
     public func commandReceived(session: SMTPSessionInfo) async -> SMTPReply? { nil }
+    public func messageReceived(_ receipt: SMTPMessageReceipt) {}
 }

@@ -40,6 +40,9 @@ final class SMTPServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var screening: ByteBuffer? = ByteBuffer()
     /// Reads the cipher suite off the ServerHello while a STARTTLS handshake runs.
     private var cipherSniffer: TLSServerHelloSniffer?
+    /// A message whose content has arrived and whose final reply is not sent yet: when its content
+    /// ended, and its size (`SMTPMessageReceipt`).
+    private var messageInFlight: (ended: ContinuousClock.Instant, sizeBytes: Int)?
 
     /// `proxyHeader`: the header a trusted proxy opened the connection with; its source, when it
     /// names one, is the session's client instead of the socket's peer. Without one (v2 LOCAL, the
@@ -179,11 +182,15 @@ final class SMTPServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             case .lineTooLong: action = machine.lineTooLongReceived()
             case .bareLineFeed: action = machine.bareLineFeedReceived()
             case .dataSection(let section):
+                let ended = ContinuousClock.now
                 action = machine.dataSectionReceived(section)
                 logIfRejected(action)
+                messageEnded(at: ended, action: action)
             case .chunk(let chunk):
+                let ended = ContinuousClock.now
                 action = machine.chunkReceived(chunk)
                 logIfRejected(action)
+                messageEnded(at: ended, action: action)
             }
             run(action, context: context)
         }
@@ -213,6 +220,26 @@ final class SMTPServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func logIfRejected(_ action: SMTPServerStateMachine.Action) {
         guard case .send(let replies, _) = action, let reply = replies.first, !reply.isPositive else { return }
         logger.info("message rejected", metadata: ["reply": "\(reply.code) \(reply.enhancedCode.map { "\($0)" } ?? "") \(reply.lines[0])"])
+    }
+
+    /// After a DATA section or a BDAT chunk: a delivery to wait for, or a refusal that ends the
+    /// message now (a 250 to a non-last chunk ends nothing).
+    private func messageEnded(at ended: ContinuousClock.Instant, action: SMTPServerStateMachine.Action) {
+        switch action {
+        case .deliver(_, let content):
+            messageInFlight = (ended, content.readableBytes)
+        case .send(let replies, _) where replies.first.map({ !$0.isPositive }) ?? false:
+            delegate.messageReceived(SMTPMessageReceipt(sizeBytes: nil, accepted: false, processing: .now - ended))
+        default:
+            break
+        }
+    }
+
+    /// The delivery of the message in flight ended with its final reply.
+    private func messageAnswered(accepted: Bool) {
+        guard let (ended, sizeBytes) = messageInFlight else { return }
+        messageInFlight = nil
+        delegate.messageReceived(SMTPMessageReceipt(sizeBytes: sizeBytes, accepted: accepted, processing: .now - ended))
     }
 
     private func flushIfNeeded(context: ChannelHandlerContext) {
@@ -282,9 +309,11 @@ final class SMTPServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             } then: { handler, outcome in
                 switch outcome {
                 case .queued(let id):
+                    handler.messageAnswered(accepted: true)
                     return handler.machine.deliveryCompleted(queueID: id)
                 case .rejected(let reply):
                     handler.logger.info("message rejected", metadata: ["reply": "\(reply.code) \(reply.lines[0])"])
+                    handler.messageAnswered(accepted: false)
                     return handler.machine.deliveryFailed(reply)
                 }
             }

@@ -15,6 +15,7 @@ import MailTierPostgres
 import MailTierRedis
 import MailTierS3
 import MailTierSQLite
+import Metrics
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -52,6 +53,9 @@ LoggingSystem.bootstrap { label in
     return handler
 }
 let logger = Logger(label: "mailtier")
+// GET /metrics: every swift-metrics metric of this process, in Prometheus text format.
+let metricsFactory = MailTierPrometheusFactory()
+MetricsSystem.bootstrap(metricsFactory)
 
 if migrateOnly {
     let threadPool = NIOThreadPool(numberOfThreads: 1)
@@ -121,6 +125,8 @@ do {
 }
 
 let doorbell = Doorbell()
+// What this process counted since it started, for GET /stats.
+let counters = ProcessCounters()
 // The Redis client first: a ServiceGroup stops its services in reverse order.
 var services: [any Service] = redis.client.map { [$0] } ?? []
 // Delivery, made before ingress: ATRN delivers through it on the connection the client turns
@@ -138,13 +144,16 @@ let delivery = DeliveryService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool, newMail: doorbell, logger: logger),
     // Cluster mode: each claimed job's lease mirrored in Redis (`job:<message id>:<id>`).
     leases: redis.client == nil ? nil : redis.leases,
-    logger: logger)
+    // smtp_messages_sent_total where mail is delivered: the delivery role, and ingress through ATRN.
+    metricsFactory: configuration.role == .admin ? NOOPMetricsHandler.instance : metricsFactory,
+    counters: counters, logger: logger)
 var smtpServer: SMTPServer?
 if configuration.role == .all || configuration.role == .ingress {
     let ingress = IngressService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
         newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter,
-        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger), logger: logger)
+        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger),
+        metrics: IngressMetrics(factory: metricsFactory, counters: counters), logger: logger)
     let server = SMTPServer(
         configuration: .init(
             host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
@@ -192,7 +201,9 @@ let health = HealthEndpoint(
             // refused connections.
             HealthCheck.memory(),
         ] + localDiskChecks(configuration)
-            + (listener.map { server in [HealthCheck.refusedConnections { server.refusedForLimit }] } ?? [])),
+            + (listener.map { server in
+                [HealthCheck.refusedConnections { server.refusedForLimit + counters.snapshot.rejectedConnections }]
+            } ?? [])),
     connections: { listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0) })
 // The admin REST API (users, queue, stats) in the admin role and in `all`.
 var adminServices: AdminServices?
@@ -204,15 +215,36 @@ if configuration.role == .all || configuration.role == .admin {
             accounts: accounts, limiter: redis.limiter, settings: .init(failureRule: limits.rule(for: .apiAuthFailure))),
         requestRule: limits.rule(for: .apiRequest), newMail: configuration.role == .all ? doorbell : nil,
         statistics: {
-            try await AdminStatistics.collect(
+            var counted = counters.snapshot
+            counted.rejectedConnections += listener?.refusedForLimit ?? 0
+            return try await AdminStatistics.collect(
                 queue: queue, accounts: accounts, mailboxes: mailboxes,
-                connections: listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0))
+                connections: listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0), counters: counted)
         })
 }
 services.insert(
     AdminAPI.application(
         host: configuration.host, port: configuration.healthPort, health: health, services: adminServices, logger: logger),
     at: redis.client == nil ? 0 : 1)
+
+// GET /metrics in every role, on SMTP_METRICS_HOST (loopback by default). Each role exposes what
+// it measures (MailTierMetrics): ingress its listener's connections, delivery and admin the queue,
+// every role its memory. Gauges are read just before each scrape.
+let connectionMetrics = listener.map { _ in ConnectionMetrics(factory: metricsFactory) }
+let queueMetrics = configuration.role == .ingress ? nil : QueueMetrics(queue: queue, factory: metricsFactory)
+let metrics = MetricsEndpoint(factory: metricsFactory, refresh: {
+    if let listener, let connectionMetrics {
+        connectionMetrics.update(active: listener.activeConnections, total: listener.totalConnections)
+    }
+    do {
+        try await queueMetrics?.update()
+    } catch {
+        logger.warning("smtp_messages_queued: cannot read the queue", metadata: ["error": "\(error)"])
+    }
+})
+services.insert(
+    metrics.application(host: configuration.metricsHost, port: configuration.metricsPort, logger: logger),
+    at: redis.client == nil ? 1 : 2)
 
 let group = ServiceGroup(
     configuration: .init(

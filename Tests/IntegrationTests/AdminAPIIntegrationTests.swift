@@ -40,6 +40,12 @@ struct AdminAPIIntegrationTests {
             let stats = try await h.http("GET", "/stats", user: Self.admin)
             #expect(stats.status == 200, "\(stats.text)")
             #expect(((stats.body["storage"] as? [String: Any])?["messages_stored"] as? Int ?? 0) >= 1, "\(stats.text)")
+            // This process's counters: the message received and delivered, its processing time.
+            let messages = stats.body["messages"] as? [String: Int] ?? [:]
+            #expect(messages["received"] == 1 && messages["sent"] == 1 && messages["queued"] == 0, "\(stats.text)")
+            let performance = stats.body["performance"] as? [String: Double] ?? [:]
+            #expect(performance["avg_processing_ms", default: 0] > 0, "\(stats.text)")
+            #expect((stats.body["connections"] as? [String: Int])?["total"] ?? 0 >= 1, "\(stats.text)")
 
             let anonymous = try await h.http("GET", "/api/users/carol")
             #expect(anonymous.status == 401 && anonymous.headers["www-authenticate"]?.hasPrefix("Basic realm=\"mailtier\"") == true)

@@ -14,35 +14,48 @@ struct HealthAnswer {
     var connections: [String: Int] { body["connections"] as? [String: Int] ?? [:] }
 }
 
+/// `GET http://127.0.0.1:<port><path>` with curl (10 s limit): status, lower-cased header names,
+/// body. Throws when nothing answers.
+func httpGet(port: Int, _ path: String) async throws -> (status: Int, headers: [String: String], body: String) {
+    try await httpRequest(port: port, "GET", path)
+}
+
+/// One request to `http://127.0.0.1:<port><path>` with curl (10 s limit): Basic credentials when
+/// `user` is given, `json` as the body. Throws when nothing answers.
+func httpRequest(
+    port: Int, _ method: String, _ path: String, user: (name: String, password: String)? = nil, json: String? = nil
+) async throws -> (status: Int, headers: [String: String], body: String) {
+    var arguments = ["-s", "-i", "--max-time", "10", "-X", method]
+    if let user { arguments += ["-u", "\(user.name):\(user.password)"] }
+    if let json { arguments += ["-H", "Content-Type: application/json", "--data-binary", json] }
+    let result = try await runProcess(
+        try Tools.path("curl"), arguments + ["http://127.0.0.1:\(port)\(path)"],
+        environment: cleanEnvironment(), timeout: .seconds(30))
+    guard result.status == 0, let split = result.stdout.range(of: "\r\n\r\n") else {
+        throw HarnessError("no HTTP answer on port \(port) (curl status \(result.status)):\n\(result.output)")
+    }
+    let head = result.stdout[..<split.lowerBound].split(separator: "\r\n")
+    let status = head.first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+    var headers: [String: String] = [:]
+    for line in head.dropFirst() {
+        guard let colon = line.firstIndex(of: ":") else { continue }
+        headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    }
+    return (status, headers, String(result.stdout[split.upperBound...]))
+}
+
 extension ServerHarness {
-    /// `GET path` on the health port with curl (10 s limit); throws when nothing answers.
+    /// `GET path` on the health port; throws when nothing answers.
     func getHealth(_ path: String = "/health") async throws -> HealthAnswer {
         try await http("GET", path)
     }
 
-    /// One request to the health port (the admin API) with curl (10 s limit): Basic credentials
-    /// when `user` is given, `json` as the body. Throws when nothing answers or the body is not
-    /// a JSON object.
+    /// One request to the health port (the admin API); throws when nothing answers or the body
+    /// is not a JSON object.
     func http(_ method: String, _ path: String, user: (name: String, password: String)? = nil, json: String? = nil) async throws
         -> HealthAnswer
     {
-        var arguments = ["-s", "-i", "--max-time", "10", "-X", method]
-        if let user { arguments += ["-u", "\(user.name):\(user.password)"] }
-        if let json { arguments += ["-H", "Content-Type: application/json", "--data-binary", json] }
-        let result = try await runProcess(
-            try Tools.path("curl"), arguments + ["http://127.0.0.1:\(healthPort)\(path)"],
-            environment: cleanEnvironment(), timeout: .seconds(30))
-        guard result.status == 0, let split = result.stdout.range(of: "\r\n\r\n") else {
-            throw HarnessError("no HTTP answer on the health port \(healthPort) (curl status \(result.status)):\n\(result.output)")
-        }
-        let head = result.stdout[..<split.lowerBound].split(separator: "\r\n")
-        let status = head.first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
-        var headers: [String: String] = [:]
-        for line in head.dropFirst() {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-        }
-        let text = String(result.stdout[split.upperBound...])
+        let (status, headers, text) = try await httpRequest(port: healthPort, method, path, user: user, json: json)
         let body = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
         guard let body else { throw HarnessError("not a JSON object from \(method) \(path): \(text)") }
         return HealthAnswer(status: status, headers: headers, body: body, text: text)

@@ -55,6 +55,7 @@ struct ConfigurationTests {
         #expect(config.enableAuth == true)
         #expect(config.healthPort == 8080)
         #expect(config.metricsPort == 8081)
+        #expect(config.metricsHost == "127.0.0.1")
         #expect(config.logLevel == .info)
         #expect(config.enableSpamAssassin == false)
         #expect(config.spamAssassinHost == "127.0.0.1")
@@ -91,6 +92,7 @@ struct ConfigurationTests {
             "SMTP_DB_PATH": "/data/smtp.db", "SMTP_STORAGE_TYPE": "TimeSeries", "SMTP_STORAGE_PATH": "/srv/mail",
             "SMTP_ENABLE_TLS": "off", "SMTP_TLS_CERT": "/missing/cert.pem", "SMTP_TLS_KEY": "/missing/key.pem",
             "SMTP_ENABLE_AUTH": "No", "SMTP_HEALTH_PORT": "9080", "SMTP_METRICS_PORT": "9081",
+            "SMTP_METRICS_HOST": "0.0.0.0",
             "SMTP_LOG_LEVEL": "warn", "SMTP_ENABLE_SPAMASSASSIN": "YES", "SMTP_SPAMASSASSIN_HOST": "spamd.internal.example",
             "SMTP_SPAMASSASSIN_PORT": "1783", "SMTP_ENABLE_CLAMAV": "1", "SMTP_CLAMAV_HOST": "10.0.0.7",
             "SMTP_CLAMAV_PORT": "13310", "SMTP_LOCAL_DOMAINS": "Example.COM, mail.example.org,,example.com,",
@@ -114,6 +116,7 @@ struct ConfigurationTests {
         #expect(config.enableAuth == false)
         #expect(config.healthPort == 9080)
         #expect(config.metricsPort == 9081)
+        #expect(config.metricsHost == "0.0.0.0")
         #expect(config.logLevel == .warn)
         #expect(config.enableSpamAssassin)
         #expect(config.spamAssassinHost == "spamd.internal.example")
@@ -197,6 +200,8 @@ struct ConfigurationTests {
         ("SMTP_METRICS_PORT", "2525", #"SMTP_METRICS_PORT: must differ from SMTP_PORT, got "2525""#),
         ("SMTP_LOG_LEVEL", "warning", #"SMTP_LOG_LEVEL: expected one of debug, info, warn, error, got "warning""#),
         ("SMTP_ENABLE_SPAMASSASSIN", "enabled", #"SMTP_ENABLE_SPAMASSASSIN: expected a boolean (true/false, 1/0, yes/no, on/off), got "enabled""#),
+        ("SMTP_METRICS_HOST", "metrics host", #"SMTP_METRICS_HOST: expected an IP address or a host name, got "metrics host""#),
+        ("SMTP_METRICS_HOST", "300.0.0.1", #"SMTP_METRICS_HOST: expected an IP address or a host name, got "300.0.0.1""#),
         ("SMTP_SPAMASSASSIN_HOST", "spam d", #"SMTP_SPAMASSASSIN_HOST: expected an IP address or a host name, got "spam d""#),
         ("SMTP_SPAMASSASSIN_PORT", "0", #"SMTP_SPAMASSASSIN_PORT: expected an integer from 1 to 65535, got "0""#),
         ("SMTP_ENABLE_CLAMAV", "y", #"SMTP_ENABLE_CLAMAV: expected a boolean (true/false, 1/0, yes/no, on/off), got "y""#),
@@ -435,7 +440,7 @@ struct ConfigurationTests {
             "SMTP_PORT", "SMTP_HOST", "SMTP_MAX_CONNECTIONS", "SMTP_MAX_MESSAGE_SIZE", "SMTP_TIMEOUT_SECONDS",
             "SMTP_HOSTNAME", "SMTP_DB_PATH", "SMTP_STORAGE_TYPE", "SMTP_STORAGE_PATH", "SMTP_ENABLE_TLS",
             "SMTP_TLS_CERT", "SMTP_TLS_KEY", "SMTP_ENABLE_AUTH", "SMTP_HEALTH_PORT", "SMTP_METRICS_PORT",
-            "SMTP_LOG_LEVEL", "SMTP_ENABLE_SPAMASSASSIN", "SMTP_SPAMASSASSIN_HOST", "SMTP_SPAMASSASSIN_PORT",
+            "SMTP_METRICS_HOST", "SMTP_LOG_LEVEL", "SMTP_ENABLE_SPAMASSASSIN", "SMTP_SPAMASSASSIN_HOST", "SMTP_SPAMASSASSIN_PORT",
             "SMTP_ENABLE_CLAMAV", "SMTP_CLAMAV_HOST", "SMTP_CLAMAV_PORT", "SMTP_LOCAL_DOMAINS", "SMTP_SPOOL_PATH",
             "SMTP_ADMIN_USERNAME", "SMTP_ADMIN_PASSWORD", "SMTP_ADMIN_EMAIL", "SMTP_MAX_RECIPIENTS",
             "SMTP_DELIVERBY_MIN_SECONDS", "SMTP_ROLE", "SMTP_SHUTDOWN_GRACE_SECONDS", "SMTP_QUEUE_POLL_SECONDS",
@@ -448,6 +453,6 @@ struct ConfigurationTests {
         ] {
             #expect(Configuration.variables.contains { $0.name == name }, "\(name)")
         }
-        #expect(Configuration.variables.count == 55)
+        #expect(Configuration.variables.count == 56)
     }
 }
