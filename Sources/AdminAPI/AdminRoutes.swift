@@ -129,6 +129,50 @@ struct AccountJSON: Encodable {
     }
 }
 
+/// One stored message in `GET /api/users/{username}/messages`.
+struct MessageJSON: Encodable {
+    var id: String
+    var folder: String
+    var sizeBytes: Int
+    var date: String
+    var flags: [String]
+    var subject: String?
+    var from: String?
+
+    enum CodingKeys: String, CodingKey {
+        case id, folder, date, flags, subject, from
+        case sizeBytes = "size_bytes"
+    }
+
+    init(_ message: StoredMessage) {
+        id = message.id
+        folder = message.folder
+        sizeBytes = message.size
+        date = MailDate.iso8601(message.date)
+        flags = message.flags.sorted().map(\.imapName)
+        subject = message.subject
+        from = message.from
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(id, forKey: .id)
+        try container.encode(folder, forKey: .folder)
+        try container.encode(sizeBytes, forKey: .sizeBytes)
+        try container.encode(date, forKey: .date)
+        try container.encode(flags, forKey: .flags)
+        try container.encode(subject, forKey: .subject)  // null when there is none
+        try container.encode(from, forKey: .from)
+    }
+}
+
+struct MessageListJSON: Encodable {
+    var messages: [MessageJSON]
+    var total: Int
+    var offset: Int
+    var limit: Int
+}
+
 // MARK: - Routes
 
 extension AdminAPI {
@@ -141,6 +185,7 @@ extension AdminAPI {
         api.get("api/users/:username") { request, context in try await users.get(request, context) }
         api.put("api/users/:username") { request, context in try await users.update(request, context) }
         api.delete("api/users/:username") { request, context in try await users.delete(request, context) }
+        api.get("api/users/:username/messages") { request, context in try await users.messages(request, context) }
         let queue = QueueRoutes(services: services)
         api.get("api/queue") { request, context in try await queue.list(request, context) }
         api.post("api/queue/:id/retry") { request, context in try await queue.retry(request, context) }
@@ -220,6 +265,34 @@ struct UserRoutes: Sendable {
         }
         let saved = try await accountCall { try await accounts.update(username: user.username, changes) }
         return ResponseJSON.response(AccountJSON(saved, withCreation: false))
+    }
+
+    /// Beyond API.md: a user's stored mail, newest paging as the store lists it (oldest first),
+    /// in `folder` (INBOX by default); with `q`, a full-text search over subject and body where
+    /// the store has one (database storage), newest relevance first, `offset` applied after.
+    func messages(_ request: Request, _ context: AdminRequestContext) async throws -> Response {
+        let user = try await target(context)
+        let paging = try Paging(request)
+        let folder = request.uri.queryParameters["folder"].map(String.init) ?? "INBOX"
+        let query = request.uri.queryParameters["q"].map(String.init)
+        let page: (messages: [StoredMessage], total: Int)
+        do {
+            if let query, !query.isEmpty {
+                guard let searchable = services.mailboxes as? any SearchableMailboxStore else {
+                    throw APIError.badRequest("full-text search needs SMTP_STORAGE_TYPE=database")
+                }
+                guard query.utf8.count <= 1000 else { throw APIError.badRequest("q is over 1000 bytes") }
+                let found = try await searchable.search(mailbox: user.email, query: query, limit: paging.offset + paging.limit)
+                page = (Array(found.dropFirst(paging.offset)), found.count)
+            } else {
+                page = try await services.mailboxes.list(mailbox: user.email, folder: folder, offset: paging.offset, limit: paging.limit)
+            }
+        } catch let error as MailboxError where error.kind == .invalidMailbox || error.kind == .unsupportedFolder {
+            throw APIError.badRequest(error.description)
+        }
+        return ResponseJSON.response(
+            MessageListJSON(
+                messages: page.messages.map(MessageJSON.init), total: page.total, offset: paging.offset, limit: paging.limit))
     }
 
     /// The account and its mail (API.md: "Delete a user and all their data").
@@ -320,5 +393,18 @@ struct QueueRoutes: Sendable {
             id.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x5F || $0 == 0x2D })
         else { throw APIError.notFound("no message \(AccountError.sanitized(id)) in the queue") }
         return id
+    }
+}
+
+extension MessageFlag {
+    /// The IMAP system flag (`\Seen`), as the API lists flags.
+    var imapName: String {
+        switch self {
+        case .draft: "\\Draft"
+        case .flagged: "\\Flagged"
+        case .replied: "\\Answered"
+        case .seen: "\\Seen"
+        case .trashed: "\\Deleted"
+        }
     }
 }

@@ -44,7 +44,11 @@ public enum AdminAPI {
             let report = await health.report()
             return jsonResponse(report.isHealthy ? .ok : .serviceUnavailable, report.json)
         }
-        if let services { addRoutes(to: router, services: services) }
+        if let services {
+            // The API's description (docs/openapi.json), without authentication.
+            router.get("openapi.json") { _, _ -> Response in jsonResponse(.ok, openAPIDocument) }
+            addRoutes(to: router, services: services)
+        }
         return router
     }
 

@@ -40,7 +40,7 @@ private struct Fixture {
     let directory: String
     let hasher: CountingHasher
     let accounts: AccountService
-    let mailboxes: MaildirStore
+    let mailboxes: any MailboxStore
     let queue: SQLiteMessageQueue
     let spool: SpoolBlobStore
     let limiter: InProcessRateLimiter
@@ -49,7 +49,9 @@ private struct Fixture {
     let bob: String
 
     /// admin (is_admin), alice and bob, with `limits` for the API (unlimited requests unless given).
-    static func make(requestRule: RateRule? = nil, failureRule: RateRule? = RateRule(limit: 5, window: .seconds(3600))) async throws
+    static func make(
+        requestRule: RateRule? = nil, failureRule: RateRule? = RateRule(limit: 5, window: .seconds(3600)), databaseMailboxes: Bool = false
+    ) async throws
         -> (Fixture, Application<RouterResponder<AdminRequestContext>>)
     {
         let directory = NSTemporaryDirectory() + "mailtier-api-" + UUID().uuidString
@@ -62,7 +64,9 @@ private struct Fixture {
         _ = try await accounts.create(username: "bob", email: "bob@example.com", password: bobPassword)
         let fixture = Fixture(
             directory: directory, hasher: hasher, accounts: accounts,
-            mailboxes: MaildirStore(root: directory + "/mail", hostname: "mx.example", threadPool: NIOThreadPool.singleton),
+            mailboxes: databaseMailboxes
+                ? SQLiteMailboxStore(database: database)
+                : MaildirStore(root: directory + "/mail", hostname: "mx.example", threadPool: NIOThreadPool.singleton),
             queue: SQLiteMessageQueue(database: database),
             spool: try SpoolBlobStore(directory: directory + "/spool", threadPool: NIOThreadPool.singleton),
             limiter: InProcessRateLimiter(),
@@ -80,6 +84,13 @@ private struct Fixture {
     }
 
     func remove() { try? FileManager.default.removeItem(atPath: directory) }
+
+    func store(_ content: String, for mailbox: String) async throws {
+        _ = try await mailboxes.deliver(
+            ByteBuffer(string: content),
+            MailboxDelivery(mailbox: mailbox, messageID: "msg_\(UUID().uuidString.prefix(8))", deliveryKey: mailboxes.makeDeliveryKey(),
+                            sender: "s@example.com", receivedAt: Date()))
+    }
 
     func enqueue(_ id: String, to recipients: [String] = ["bob@example.com"]) async throws {
         let blob = "Subject: Test Email\r\n\r\nhello\r\n"
@@ -390,6 +401,60 @@ struct AdminRoutesTests {
             #expect(changed.status == .ok)
             #expect(try await client.call(.get, "/api/users/bob", auth: fixture.bob).status == .unauthorized)
             #expect(try await client.call(.get, "/api/users/bob", auth: basic("bob", "Changed-Passw0rd")).status == .ok)
+        }
+    }
+
+    @Test("a user's messages: listed for admin and self, paged; full-text search with database storage, 400 without it")
+    func userMessages() async throws {
+        for database in [false, true] {
+            let (fixture, app) = try await Fixture.make(databaseMailboxes: database)
+            defer { fixture.remove() }
+            try await fixture.store("From: Ann <ann@example.org>\r\nSubject: Quarterly invoice\r\n\r\nPlease pay the invoice.\r\n", for: "bob@example.com")
+            try await fixture.store("From: Ben <ben@example.org>\r\nSubject: Lunch\r\n\r\nSandwiches at noon.\r\n", for: "bob@example.com")
+            try await app.test(.router) { client in
+                let all = try await client.call(.get, "/api/users/bob/messages", auth: fixture.bob)
+                #expect(all.status == .ok, "\(all.json)")
+                #expect(all.json["total"] as? Int == 2 && all.json["offset"] as? Int == 0 && all.json["limit"] as? Int == 100)
+                let messages = try #require(all.json["messages"] as? [[String: Any]])
+                #expect(messages.map { $0["subject"] as? String } == ["Quarterly invoice", "Lunch"], "\(messages)")
+                #expect(Set(messages[0].keys) == ["id", "folder", "size_bytes", "date", "flags", "subject", "from"])
+                #expect(messages[0]["folder"] as? String == "INBOX" && messages[0]["flags"] as? [String] == [])
+                let paged = try await client.call(.get, "/api/users/bob/messages?offset=1&limit=1", auth: fixture.admin)
+                #expect((paged.json["messages"] as? [[String: Any]])?.map { $0["subject"] as? String } == ["Lunch"])
+                #expect(try await client.call(.get, "/api/users/bob/messages", auth: fixture.alice).status == .forbidden)
+                let search = try await client.call(.get, "/api/users/bob/messages?q=invoice", auth: fixture.bob)
+                if database {
+                    #expect(search.status == .ok && search.json["total"] as? Int == 1, "\(search.json)")
+                    #expect((search.json["messages"] as? [[String: Any]])?.first?["subject"] as? String == "Quarterly invoice")
+                } else {
+                    #expect(search.status == .badRequest, "\(search.json)")
+                }
+            }
+        }
+    }
+
+    @Test("GET /openapi.json serves docs/openapi.json as committed, without authentication, and every route it names exists")
+    func openAPIDocument() async throws {
+        let committed = try String(
+            contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../docs/openapi.json"),
+            encoding: .utf8)
+        let (fixture, app) = try await Fixture.make()
+        defer { fixture.remove() }
+        try await app.test(.router) { client in
+            try await client.execute(uri: "/openapi.json", method: .get) { response in
+                #expect(response.status == .ok)
+                #expect(String(buffer: response.body) == committed, "docs/openapi.json changed: run scripts/embed-openapi.sh")
+            }
+            let document = try #require(try JSONSerialization.jsonObject(with: Data(committed.utf8)) as? [String: Any])
+            #expect(document["openapi"] as? String == "3.1.0")
+            let paths = try #require(document["paths"] as? [String: [String: Any]])
+            for (path, operations) in paths {
+                for method in operations.keys where method != "parameters" {
+                    let uri = path.replacingOccurrences(of: "{username}", with: "bob").replacingOccurrences(of: "{message_id}", with: "msg_none")
+                    let status = try await client.execute(uri: uri, method: HTTPRequest.Method(rawValue: method.uppercased())!) { $0.status }
+                    #expect(status != .notFound || path.contains("{message_id}"), "\(method) \(path) is not served")
+                }
+            }
         }
     }
 }

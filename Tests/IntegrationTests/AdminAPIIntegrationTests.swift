@@ -95,4 +95,27 @@ struct AdminAPIIntegrationTests {
         }
         await cluster.cleanup()
     }
+
+    @Test("schemathesis against /openapi.json with admin credentials: no 5xx, every status, header and body as described")
+    func schemathesis() async throws {
+        let python = try await Tools.python()
+        let probe = try await runProcess(python, ["-c", "import schemathesis"], environment: cleanEnvironment())
+        try #require(probe.status == 0, "schemathesis is not installed (make test installs it): \(probe.output)")
+        try await withServer { h in
+            // Something in the queue and a mailbox, so that the examples meet real rows too.
+            try await h.createUser("alice", "alice@example.test", alicePassword)
+            let result = try await runProcess(
+                python,
+                [
+                    "-m", "schemathesis.cli", "run", "http://127.0.0.1:\(h.healthPort)/openapi.json",
+                    "--auth", "\(Self.admin.name):\(Self.admin.password)",
+                    "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance",
+                    "--max-examples", "30", "--seed", "1", "--workers", "1", "--request-timeout", "20",
+                    "--exclude-path-regex", "^/health$", "--warnings", "off", "--no-color",
+                ],
+                environment: cleanEnvironment(), timeout: .seconds(300))
+            #expect(result.status == 0 && !result.timedOut, "schemathesis found problems:\n\(result.output.suffix(8000))")
+            #expect(h.isRunning, "the server died under schemathesis")
+        }
+    }
 }

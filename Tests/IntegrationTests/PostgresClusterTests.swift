@@ -192,8 +192,9 @@ struct PostgresClusterTests {
             try FileManager.default.createDirectory(at: deliveryDirectory, withIntermediateDirectories: true)
             var environment = h.environment
             environment["SMTP_ROLE"] = "delivery"
-            // Every role serves GET /health: the delivery process needs a port of its own.
+            // Every role serves GET /health and /metrics: the delivery process needs ports of its own.
             environment["SMTP_HEALTH_PORT"] = "\(try Ports.free())"
+            environment["SMTP_METRICS_PORT"] = "\(try Ports.free())"
             for (name, file) in [("SMTP_DB_PATH", "smtp.db"), ("SMTP_SPOOL_PATH", "spool"), ("SMTP_STORAGE_PATH", "mail")] {
                 environment[name] = deliveryDirectory.appendingPathComponent(file).path
             }
