@@ -25,13 +25,16 @@ public struct IngressService: SMTPServerDelegate {
     /// Delivers queued mail over a connection turned around by ATRN; without it, ATRN for a
     /// domain with mail waiting answers 451 (try later).
     public let turnaround: (any ATRNDeliverer)?
+    /// Where `auth.failed` webhook events go (when `configuration.recordedEvents` holds it).
+    public let events: (any EventOutbox)?
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
         newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(),
-        turnaround: (any ATRNDeliverer)? = nil, logger: Logger
+        turnaround: (any ATRNDeliverer)? = nil, events: (any EventOutbox)? = nil, logger: Logger
     ) {
+        self.events = events
         self.limiter = limiter
         self.turnaround = turnaround
         self.configuration = configuration
@@ -98,8 +101,20 @@ public struct IngressService: SMTPServerDelegate {
         if user == nil {
             logger.info("AUTH failed", metadata: ["client": "\(session.clientAddress)"])
             _ = await hit(.authFailure, session: session)
+            await recordAuthFailure(login: login, session: session)
         }
         return user?.username
+    }
+
+    /// Writes an `auth.failed` event (the name tried, at most 256 characters, and the client's
+    /// address). A failure to write it is logged; the client's reply does not change.
+    private func recordAuthFailure(login: String, session: SMTPSessionInfo) async {
+        guard let events, configuration.recordedEvents.contains(.authFailed) else { return }
+        do {
+            try await events.append(.authFailed(username: String(login.prefix(256)), clientAddress: session.clientAddress, at: Date()))
+        } catch {
+            logger.error("auth.failed webhook event not recorded", metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: RCPT

@@ -34,10 +34,13 @@ public struct Storage: Sendable {
     public let spool: any BlobStore
     public let mailboxes: any MailboxStore
     public let s3: S3Client?
+    /// The webhook events the adapters write (`Configuration.recordedEvents`).
+    public let recording: Set<WebhookEvent>
     private let logger: Logger
 
-    public var users: any UserStore { database.users }
-    public var queue: any MessageQueue { database.queue }
+    public var users: any UserStore { database.users(recording: recording) }
+    public var queue: any MessageQueue { database.queue(recording: recording) }
+    public var events: any EventOutbox { database.events }
 
     /// Opens the configured database (`Database.open`), then builds the rest.
     public init(configuration: Configuration, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
@@ -49,6 +52,7 @@ public struct Storage: Sendable {
     public init(configuration: Configuration, database: Database, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
         self.database = database
         self.logger = logger
+        self.recording = configuration.recordedEvents
         if let bucket = configuration.s3Bucket, let accessKey = configuration.s3AccessKey, let secretKey = configuration.s3SecretKey {
             s3 = S3Client(
                 configuration: S3Configuration(
@@ -163,17 +167,27 @@ extension Storage {
             }
         }
 
-        public var users: any UserStore {
+        /// The accounts; `create` writes `user.created` when `recording` holds it.
+        public func users(recording: Set<WebhookEvent>) -> any UserStore {
             switch self {
-            case .sqlite(let database): SQLiteUserStore(database: database)
-            case .postgres(let database): PostgresUserStore(database: database)
+            case .sqlite(let database): SQLiteUserStore(database: database, recording: recording)
+            case .postgres(let database): PostgresUserStore(database: database, recording: recording)
             }
         }
 
-        public var queue: any MessageQueue {
+        /// The queue; it writes the `message.*` events `recording` holds.
+        public func queue(recording: Set<WebhookEvent>) -> any MessageQueue {
             switch self {
-            case .sqlite(let database): SQLiteMessageQueue(database: database)
-            case .postgres(let database): PostgresMessageQueue(database: database)
+            case .sqlite(let database): SQLiteMessageQueue(database: database, recording: recording)
+            case .postgres(let database): PostgresMessageQueue(database: database, recording: recording)
+            }
+        }
+
+        /// The webhook outbox.
+        public var events: any EventOutbox {
+            switch self {
+            case .sqlite(let database): SQLiteEventOutbox(database: database)
+            case .postgres(let database): PostgresEventOutbox(database: database)
             }
         }
 

@@ -15,6 +15,7 @@ import MailTierPostgres
 import MailTierRedis
 import MailTierS3
 import MailTierSQLite
+import MailTierWebhooks
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -144,7 +145,8 @@ if configuration.role == .all || configuration.role == .ingress {
     let ingress = IngressService(
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
         newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter,
-        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger), logger: logger)
+        turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger),
+        events: storage.events, logger: logger)
     let server = SMTPServer(
         configuration: .init(
             host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
@@ -163,6 +165,14 @@ if configuration.role == .all || configuration.role == .ingress {
 if configuration.role == .all || configuration.role == .delivery {
     services.append(transport)
     services.append(delivery)
+    // Webhooks: the roles that deliver also drain the events outbox (claims are leased, so every
+    // delivery node may run a sender). Events are only written when SMTP_WEBHOOK_URL is set.
+    if let url = configuration.webhookURL {
+        var settings = WebhookSender.Settings(url: url, secret: configuration.webhookSecret)
+        settings.retry = WebhookRetryPolicy(
+            first: .seconds(configuration.webhookRetrySeconds), maxAttempts: configuration.webhookMaxAttempts)
+        services.append(WebhookSender(outbox: storage.events, settings: settings, logger: logger))
+    }
 }
 
 // GET /health in every role (the only service of `admin` for now). After the Redis client and
