@@ -69,9 +69,10 @@ public final class WebhookSender: Service, Sendable {
         /// How often the outbox is polled while idle.
         public var pollInterval: Duration = .seconds(1)
         /// Events claimed at once; posted one after the other, oldest first.
-        public var batchSize: Int = 20
-        /// How long a claim holds an event: longer than a post may take.
-        public var lease: Duration = .seconds(60)
+        public var batchSize: Int = 10
+        /// How long a claim holds an event: longer than posting a whole batch may take (each post
+        /// is bounded by `timeout`; AsyncHTTPClient keeps retrying a refused connection until then).
+        public var lease: Duration = .seconds(180)
         public var retry = WebhookRetryPolicy()
         /// Delivered events are deleted after this long; failed ones after `failedRetention`.
         public var deliveredRetention: Duration = .seconds(7 * 86400)
