@@ -170,6 +170,61 @@ private final class Receiver {
         }
     }
 
+    @Test("cluster mode: two nodes on one PostgreSQL both run senders, and every event is still posted once")
+    func clusterSendersPostOnce() async throws {
+        try await withPrivatePostgresDatabase { url in
+            let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-webhooks-\(UUID().uuidString)")
+            try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(at: scratch) }
+            let receiver = try Receiver(directory: scratch, secret: "whsec-\(UUID().uuidString)")
+            try await receiver.start()
+            do {
+                try await runCluster(url: url, receiver)
+            } catch {
+                await receiver.stop()
+                throw error
+            }
+            await receiver.stop()
+        }
+    }
+
+    private func runCluster(url: String, _ receiver: Receiver) async throws {
+        let settings = [
+            "SMTP_DATABASE_URL": url, "SMTP_ENABLE_AUTH": "false",
+            "SMTP_WEBHOOK_URL": "http://127.0.0.1:\(receiver.port)/", "SMTP_WEBHOOK_SECRET": receiver.secret,
+            "SMTP_WEBHOOK_EVENTS": "message.received,message.sent,user.created", "SMTP_LOG_LEVEL": "debug",
+        ]
+        try await withServer(settings) { h in
+            // A second node (delivery role: its own worker and webhook sender) on the same database and spool.
+            var environment = h.environment
+            environment["SMTP_ROLE"] = "delivery"
+            environment["SMTP_HEALTH_PORT"] = "\(try Ports.free())"
+            let second = try ChildProcess(
+                try ServerHarness.executable("smtp-server"), [], environment: environment, outputDirectory: h.directory, name: "node2")
+            try await h.createUser("alice", "alice@example.test", "Alice-Passw0rd!")
+            let messages = 12
+            for index in 0..<messages {
+                let r = try await smtplibSend(
+                    h, from: "bob@example.org", to: ["alice@example.test"], body: Array("Subject: n\(index)\r\n\r\nx\r\n".utf8))
+                #expect(r.queueID != nil, "\(r.replies)")
+            }
+            let expected = 2 + 2 * messages  // user.created (admin, alice), then received and sent per message
+            let arrived = await poll(timeout: .seconds(60), interval: .milliseconds(200)) { receiver.posts.count >= expected }
+            try await Task.sleep(for: .seconds(3))
+            second.signal(SIGTERM)
+            let secondRun = await second.wait(timeout: .seconds(20))
+            let posts = receiver.posts
+            #expect(arrived && posts.count == expected, "\(posts.count) of \(expected) posts; node 2:\n\(secondRun.output.suffix(3000))")
+            let ids = posts.compactMap(\.id)
+            #expect(Set(ids).count == posts.count, "each event exactly once by id")
+            #expect(posts.allSatisfy { $0.signature_ok })
+            let types = Dictionary(grouping: posts.compactMap(\.type), by: { $0 }).mapValues(\.count)
+            #expect(types == ["user.created": 2, "message.received": messages, "message.sent": messages])
+            let byNode = [h.log(run: 1), secondRun.stdout].map { $0.components(separatedBy: "webhook delivered").count - 1 }
+            #expect(byNode.reduce(0, +) == expected, "posts per node: \(byNode)")
+        }
+    }
+
     @Test("no SMTP_WEBHOOK_URL: no events are written")
     func noURLNoEvents() async throws {
         try await withServer([:]) { h in
