@@ -326,11 +326,13 @@ extension Configuration {
             text + String(repeating: " ", count: max(0, width - text.count))
         }
         var lines = [
-            "Usage: smtp-server [migrate | --help]",
+            "Usage: smtp-server [migrate | webhooks [retry-failed] | --help]",
             "",
             "MailTier SMTP server. Configured through environment variables; an empty value means unset.",
             "`smtp-server migrate` applies the pending database migrations (PostgreSQL when SMTP_DATABASE_URL",
             "is set, else SQLite at SMTP_DB_PATH), prints one line saying what it did, and exits (1 on failure).",
+            "`smtp-server webhooks` prints the webhook outbox's counts and its failed events; `webhooks",
+            "retry-failed` makes the failed events due again first.",
             "Booleans accept true/false, 1/0, yes/no, on/off. A bad value stops the server (exit code 2).",
             "",
         ]

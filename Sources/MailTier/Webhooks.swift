@@ -151,6 +151,33 @@ public protocol EventOutbox: Sendable {
     /// before `failedBefore`; returns how many.
     func prune(deliveredBefore: Date, failedBefore: Date) async throws -> Int
     func counts() async throws -> EventOutboxCounts
+    /// Failed events, oldest first, at most `limit`.
+    func failed(limit: Int) async throws -> [FailedEvent]
+    /// Makes every failed event waiting again, due at `now`, with its attempts counted from 0;
+    /// returns how many.
+    func retryFailed(now: Date) async throws -> Int
+}
+
+/// An event that failed for good, as `smtp-server webhooks` lists it.
+public struct FailedEvent: Sendable, Equatable {
+    public var id: String
+    public var type: String
+    public var createdAt: Date
+    public var attempts: Int
+    public var lastError: String?
+
+    public init(id: String, type: String, createdAt: Date, attempts: Int, lastError: String?) {
+        self.id = id
+        self.type = type
+        self.createdAt = createdAt
+        self.attempts = attempts
+        self.lastError = lastError
+    }
+
+    /// `evt_… message.received 2025-10-23T12:00:00Z attempts=10 HTTP 503`.
+    public var line: String {
+        "\(id) \(type) \(MailDate.iso8601(createdAt)) attempts=\(attempts) \(lastError ?? "")"
+    }
 }
 
 // MARK: - Retries
@@ -187,6 +214,9 @@ public struct WebhookRetryPolicy: Sendable, Equatable {
 
 /// SQL of the outbox that is the same for SQLite and PostgreSQL.
 public enum EventOutboxSQL {
+    /// The condition of a failed event.
+    public static let isFailed = "delivered_at IS NULL AND next_attempt IS NULL"
+
     /// One row: `waiting`, `failed`, `delivered` counts.
     public static let counts = """
         SELECT COALESCE(SUM(CASE WHEN delivered_at IS NULL AND next_attempt IS NOT NULL THEN 1 ELSE 0 END), 0) AS waiting,

@@ -1,6 +1,11 @@
 // MailTierBootstrap — which adapters a configuration selects, shared by `smtp-server` and
 // `user-cli` so that both see the same accounts, queue and mailboxes. Imports every adapter;
 // nothing imports it but the executables.
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -296,6 +301,34 @@ extension Storage {
                 try await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(30))
             }
+        }
+    }
+
+    /// `smtp-server webhooks [retry-failed]`: the webhook outbox's counts and failed events (at
+    /// most 100, oldest first), after making the failed ones due again when `retryFailed`. Returns
+    /// the text to print: `webhook events: 3 waiting, 1 failed, 120 delivered`, then one
+    /// `failed: <id> <type> <created> attempts=<n> <last error>` line per failed event.
+    public static func webhooks(
+        retryFailed: Bool, configuration: Configuration, threadPool: NIOThreadPool, logger: Logger
+    ) async throws(Failure) -> String {
+        let database = try Database.open(configuration, threadPool: threadPool, logger: logger)
+        do {
+            return try await database.withRunning(migration: .first, logger: logger) {
+                let outbox = database.events
+                var lines: [String] = []
+                if retryFailed {
+                    lines.append("made \(try await outbox.retryFailed(now: Date())) failed webhook event(s) due again")
+                }
+                let counts = try await outbox.counts()
+                lines.append("webhook events: \(counts.waiting) waiting, \(counts.failed) failed, \(counts.delivered) delivered")
+                lines += try await outbox.failed(limit: 100).map { "failed: \($0.line)" }
+                return lines.joined(separator: "\n") + "\n"
+            }
+        } catch let failure as Failure {
+            throw failure
+        } catch {
+            let variable = configuration.databaseURL == nil ? "SMTP_DB_PATH" : "SMTP_DATABASE_URL"
+            throw Failure(variable: variable, message: "cannot read the webhook outbox of \(database.name): \(error)", exitCode: 1)
         }
     }
 

@@ -98,4 +98,22 @@ public struct PostgresEventOutbox: EventOutbox {
         let (waiting, failed, delivered) = try row.decode((Int64, Int64, Int64).self)
         return EventOutboxCounts(waiting: Int(waiting), failed: Int(failed), delivered: Int(delivered))
     }
+
+    public func failed(limit: Int) async throws -> [FailedEvent] {
+        try await database.query(
+            """
+            SELECT id, type, created_at, attempts, last_error FROM events WHERE \(unescaped: EventOutboxSQL.isFailed)
+            ORDER BY created_at, id LIMIT \(max(0, limit))
+            """
+        ).map { row in
+            let (id, type, createdAt, attempts, lastError) = try row.decode((String, String, Int64, Int, String?).self)
+            return FailedEvent(id: id, type: type, createdAt: Date(unixSeconds: createdAt), attempts: attempts, lastError: lastError)
+        }
+    }
+
+    public func retryFailed(now: Date) async throws -> Int {
+        try await database.query(
+            "UPDATE events SET next_attempt = \(now.unixSeconds), attempts = 0 WHERE \(unescaped: EventOutboxSQL.isFailed) RETURNING id"
+        ).count
+    }
 }

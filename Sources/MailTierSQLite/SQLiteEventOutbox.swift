@@ -91,4 +91,24 @@ public struct SQLiteEventOutbox: EventOutbox {
                 waiting: Int(row?.int("waiting") ?? 0), failed: Int(row?.int("failed") ?? 0), delivered: Int(row?.int("delivered") ?? 0))
         }
     }
+
+    public func failed(limit: Int) async throws -> [FailedEvent] {
+        try await database.read { db in
+            try db.query(
+                "SELECT id, type, created_at, attempts, last_error FROM events WHERE \(EventOutboxSQL.isFailed) ORDER BY created_at, id LIMIT ?",
+                [.integer(Int64(max(0, limit)))]
+            ).map { row in
+                FailedEvent(
+                    id: row.string("id") ?? "", type: row.string("type") ?? "", createdAt: Date(unixSeconds: row.int("created_at") ?? 0),
+                    attempts: Int(row.int("attempts") ?? 0), lastError: row.string("last_error"))
+            }
+        }
+    }
+
+    public func retryFailed(now: Date) async throws -> Int {
+        try await database.write { db in
+            try db.execute("UPDATE events SET next_attempt = ?, attempts = 0 WHERE \(EventOutboxSQL.isFailed)", [.integer(now.unixSeconds)])
+            return db.changes
+        }
+    }
 }

@@ -35,7 +35,9 @@ if arguments.contains("--help") || arguments.contains("-h") {
 }
 // `smtp-server migrate`: apply the pending migrations, print one line, exit.
 let migrateOnly = arguments.count == 1 && arguments.first == "migrate"
-if !migrateOnly, let unknown = arguments.first {
+// `smtp-server webhooks [retry-failed]`: the webhook outbox's counts and failed events.
+let webhooksReport = arguments.first == "webhooks" && (arguments.count == 1 || Array(arguments) == ["webhooks", "retry-failed"])
+if !migrateOnly, !webhooksReport, let unknown = arguments.first {
     fail("unknown argument \(unknown) (see smtp-server --help)")
 }
 
@@ -59,6 +61,20 @@ if migrateOnly {
     threadPool.start()
     do {
         print(try await Storage.migrate(configuration: configuration, threadPool: threadPool, logger: logger))
+    } catch {
+        fail(error.description, code: error.exitCode)
+    }
+    try? await threadPool.shutdownGracefully()
+    exit(0)
+}
+
+if webhooksReport {
+    let threadPool = NIOThreadPool(numberOfThreads: 1)
+    threadPool.start()
+    do {
+        print(
+            try await Storage.webhooks(retryFailed: arguments.count == 2, configuration: configuration, threadPool: threadPool, logger: logger),
+            terminator: "")
     } catch {
         fail(error.description, code: error.exitCode)
     }

@@ -12,6 +12,7 @@ private struct ReceivedPost: Decodable {
     var type: String?
     var timestamp: String
     var signature_ok: Bool
+    var status: Int
     var content_type: String?
     var path: String
     var body: String
@@ -33,12 +34,13 @@ private final class Receiver {
         _ = FileManager.default.createFile(atPath: log.path, contents: nil)
     }
 
-    func start() async throws {
+    /// Starts answering every post with `status`.
+    func start(status: Int = 200) async throws {
         let python = try await Tools.python()
         let script = try Tools.script("webhook_receiver.py")
         let run = try ChildProcess(
-            python, [script, "--port", "\(port)", "--secret", secret, "--log", log.path], environment: cleanEnvironment(),
-            outputDirectory: directory, name: "receiver")
+            python, [script, "--port", "\(port)", "--secret", secret, "--log", log.path, "--status", "\(status)"],
+            environment: cleanEnvironment(), outputDirectory: directory, name: "receiver")
         child = run
         let ready = await poll(timeout: .seconds(20)) { run.stdout.contains("listening") || !run.isRunning }
         guard ready, run.isRunning else { throw HarnessError("webhook receiver did not start: \(run.stdout)\(run.stderr)") }
@@ -57,22 +59,27 @@ private final class Receiver {
     }
 }
 
+/// Runs `body` with a receiver started (answering `status`) in a scratch directory; stops it and
+/// removes the directory afterwards, also when `body` throws.
+private func withReceiver(status: Int = 200, _ body: (Receiver) async throws -> Void) async throws {
+    let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-webhooks-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: scratch) }
+    let receiver = try Receiver(directory: scratch, secret: "whsec-\(UUID().uuidString)")
+    try await receiver.start(status: status)
+    do {
+        try await body(receiver)
+    } catch {
+        await receiver.stop()
+        throw error
+    }
+    await receiver.stop()
+}
+
 @Suite("Webhooks", .serialized) struct WebhookTests {
     @Test("every event arrives once by id, signed; those made while the receiver was down arrive when it is back")
     func eventsArriveOnceSigned() async throws {
-        let secret = "whsec-\(UUID().uuidString)"
-        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-webhooks-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: scratch) }
-        let receiver = try Receiver(directory: scratch, secret: secret)
-        try await receiver.start()
-        do {
-            try await run(receiver)
-        } catch {
-            await receiver.stop()
-            throw error
-        }
-        await receiver.stop()
+        try await withReceiver { try await run($0) }
     }
 
     private func run(_ receiver: Receiver) async throws {
@@ -173,18 +180,7 @@ private final class Receiver {
     @Test("cluster mode: two nodes on one PostgreSQL both run senders, and every event is still posted once")
     func clusterSendersPostOnce() async throws {
         try await withPrivatePostgresDatabase { url in
-            let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("mailtier-webhooks-\(UUID().uuidString)")
-            try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
-            defer { try? FileManager.default.removeItem(at: scratch) }
-            let receiver = try Receiver(directory: scratch, secret: "whsec-\(UUID().uuidString)")
-            try await receiver.start()
-            do {
-                try await runCluster(url: url, receiver)
-            } catch {
-                await receiver.stop()
-                throw error
-            }
-            await receiver.stop()
+            try await withReceiver { try await runCluster(url: url, $0) }
         }
     }
 
@@ -222,6 +218,49 @@ private final class Receiver {
             #expect(types == ["user.created": 2, "message.received": messages, "message.sent": messages])
             let byNode = [h.log(run: 1), secondRun.stdout].map { $0.components(separatedBy: "webhook delivered").count - 1 }
             #expect(byNode.reduce(0, +) == expected, "posts per node: \(byNode)")
+        }
+    }
+
+    @Test("an event that fails for good stays visible (smtp-server webhooks) and retry-failed sends it")
+    func failedEventsStayVisible() async throws {
+        try await withReceiver(status: 503) { try await runFailing($0) }
+    }
+
+    private func runFailing(_ receiver: Receiver) async throws {
+        try await withServer([
+            "SMTP_WEBHOOK_URL": "http://127.0.0.1:\(receiver.port)/", "SMTP_WEBHOOK_SECRET": receiver.secret,
+            "SMTP_WEBHOOK_EVENTS": "user.created", "SMTP_WEBHOOK_RETRY_SECONDS": "1", "SMTP_WEBHOOK_MAX_ATTEMPTS": "2",
+        ]) { h in
+            func webhooks(_ arguments: String...) async throws -> ProcessResult {
+                try await runProcess(try ServerHarness.executable("smtp-server"), ["webhooks"] + arguments, environment: h.environment)
+            }
+            // The first admin's user.created: answered 503 twice, then failed for good.
+            let gaveUp = await poll(timeout: .seconds(30), interval: .milliseconds(200)) {
+                h.log.contains("webhook event failed for good")
+            }
+            #expect(gaveUp, "\(h.logTail(20))")
+            let posts = receiver.posts
+            #expect(posts.count == 2 && posts.allSatisfy { $0.status == 503 && $0.signature_ok } && Set(posts.compactMap(\.id)).count == 1)
+            let id = try #require(posts.first?.id)
+
+            let report = try await webhooks()
+            #expect(report.status == 0, "\(report.output)")
+            let lines = report.stdout.split(separator: "\n").map(String.init)
+            #expect(lines.first == "webhook events: 0 waiting, 1 failed, 0 delivered", "\(report.output)")
+            #expect(lines.count == 2 && lines[1].hasPrefix("failed: \(id) user.created ") && lines[1].hasSuffix(" attempts=2 HTTP 503"))
+
+            // The receiver is fixed; the operator sends the failed event again.
+            await receiver.stop()
+            try await receiver.start()
+            let retry = try await webhooks("retry-failed")
+            #expect(retry.stdout.hasPrefix("made 1 failed webhook event(s) due again\nwebhook events: 1 waiting, 0 failed, 0 delivered\n"), "\(retry.output)")
+            let arrived = await poll(timeout: .seconds(30), interval: .milliseconds(200)) { receiver.posts.contains { $0.status == 200 } }
+            #expect(arrived)
+            #expect(receiver.posts.filter { $0.status == 200 }.compactMap(\.id) == [id])
+            let after = await poll(timeout: .seconds(10), interval: .milliseconds(200)) {
+                (try? await webhooks())?.stdout == "webhook events: 0 waiting, 0 failed, 1 delivered\n"
+            }
+            #expect(after)
         }
     }
 

@@ -172,6 +172,15 @@ private func appendEvents(_ outbox: any EventOutbox, _ n: Int) async throws -> [
             #expect(try await outbox.counts() == EventOutboxCounts(waiting: 0, failed: 1, delivered: 0))
             #expect(try await database.text("SELECT last_error FROM events") == "HTTP 503 (attempt 3)")
             #expect(try await database.int("SELECT attempts FROM events") == 3)
+            #expect(
+                try await outbox.failed(limit: 10)
+                    == [FailedEvent(id: event.id, type: "auth.failed", createdAt: start, attempts: 3, lastError: "HTTP 503 (attempt 3)")])
+
+            // Sent again by hand (`smtp-server webhooks retry-failed`): due at once, attempts from 0.
+            #expect(try await outbox.retryFailed(now: now + 5) == 1)
+            #expect(try await outbox.failed(limit: 10).isEmpty)
+            let retried = try await outbox.claim(now: now + 5, limit: 10, lease: .seconds(60))
+            #expect(retried.map(\.id) == [event.id] && retried.first?.attempt == 1)
         }
     }
 

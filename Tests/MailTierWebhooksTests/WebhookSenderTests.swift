@@ -105,6 +105,8 @@ private final class MemoryOutbox: EventOutbox {
     }
     func prune(deliveredBefore: Date, failedBefore: Date) async throws -> Int { 0 }
     func counts() async throws -> EventOutboxCounts { EventOutboxCounts(waiting: 0, failed: 0, delivered: 0) }
+    func failed(limit: Int) async throws -> [FailedEvent] { [] }
+    func retryFailed(now: Date) async throws -> Int { 0 }
 }
 
 private let payload = #"{"data":{},"event":"auth.failed","timestamp":"2025-10-23T12:00:00Z"}"#
