@@ -103,6 +103,16 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
+        // Webhooks: posts the `events` outbox over HTTP(S), signed (HMAC-SHA256).
+        .target(name: "MailTierWebhooks", dependencies: [
+            "MailTier",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         // Wiring shared by the executables: which adapters a configuration selects.
         .target(name: "MailTierBootstrap", dependencies: [
             "MailTier", "MailTierSQLite", "MailTierFiles", "MailTierS3", "MailTierPostgres", "MailTierRedis",
@@ -125,7 +135,7 @@ let package = Package(
         // 6. Executables: thin.
         .executableTarget(name: "smtp-server", dependencies: [
             "MailTier", "MailTierBootstrap", "AdminAPI", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierS3", "MailTierPostgres",
-            "MailTierRedis", "SMTPNIO", "MailTierDNS", "MailTierOutbound",
+            "MailTierRedis", "SMTPNIO", "MailTierDNS", "MailTierOutbound", "MailTierWebhooks",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
@@ -164,6 +174,15 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdTesting", package: "hummingbird"),
+        ]),
+        .testTarget(name: "MailTierWebhooksTests", dependencies: [
+            "MailTierWebhooks", "MailTier",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MailTierDNSTests", dependencies: [
             "MailTierDNS", "MailTier",

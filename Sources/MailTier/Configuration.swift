@@ -154,7 +154,23 @@ public struct Configuration: Sendable, Equatable {
     /// while a delivery runs).
     public var leaseSeconds: Int = 300
 
+    // Webhooks (issue 6).
+    /// Where events are posted; none are written or posted when unset.
+    public var webhookURL: String? = nil
+    /// The event types written and posted (default: all seven).
+    public var webhookEvents: Set<WebhookEvent> = WebhookEvent.all
+    /// HMAC-SHA256 key of the `X-MailTier-Signature` header; no signature header when unset.
+    public var webhookSecret: String? = nil
+    /// Delay before the first retry of a failed post; it doubles each time, up to an hour.
+    public var webhookRetrySeconds: Int = 10
+    /// Posts of one event before it fails for good.
+    public var webhookMaxAttempts: Int = 10
+
     public init() {}
+
+    /// The event types the producers write into the outbox: `webhookEvents` when a webhook URL
+    /// is set, none otherwise.
+    public var recordedEvents: Set<WebhookEvent> { webhookURL == nil ? [] : webhookEvents }
 
     /// The per-address limits as the rate limiter takes them.
     public var rateLimits: RateLimits {
@@ -289,6 +305,21 @@ extension Configuration {
         Variable(
             name: "SMTP_LEASE_SECONDS", defaultValue: "300",
             summary: "A worker's claim on a job before others may take it (10-86400)"),
+        Variable(
+            name: "SMTP_WEBHOOK_URL", defaultValue: "-",
+            summary: "http(s) URL events are POSTed to; no events are recorded when unset"),
+        Variable(
+            name: "SMTP_WEBHOOK_EVENTS", defaultValue: "all",
+            summary: "Comma-separated events to send: " + WebhookEvent.allCases.map(\.rawValue).joined(separator: ",")),
+        Variable(
+            name: "SMTP_WEBHOOK_SECRET", defaultValue: "-",
+            summary: "HMAC-SHA256 key: X-MailTier-Signature: sha256=<hex of HMAC(secret, \"<timestamp>.<body>\")>"),
+        Variable(
+            name: "SMTP_WEBHOOK_RETRY_SECONDS", defaultValue: "10",
+            summary: "First retry of a failed post after this long, doubling up to 1 h (1-3600)"),
+        Variable(
+            name: "SMTP_WEBHOOK_MAX_ATTEMPTS", defaultValue: "10",
+            summary: "Posts of one event before it fails for good (1-100)"),
     ]
 
     /// Usage text for `smtp-server --help`: every variable, its default and what it does.
@@ -301,11 +332,13 @@ extension Configuration {
             text + String(repeating: " ", count: max(0, width - text.count))
         }
         var lines = [
-            "Usage: smtp-server [migrate | --help]",
+            "Usage: smtp-server [migrate | webhooks [retry-failed] | --help]",
             "",
             "MailTier SMTP server. Configured through environment variables; an empty value means unset.",
             "`smtp-server migrate` applies the pending database migrations (PostgreSQL when SMTP_DATABASE_URL",
             "is set, else SQLite at SMTP_DB_PATH), prints one line saying what it did, and exits (1 on failure).",
+            "`smtp-server webhooks` prints the webhook outbox's counts and its failed events; `webhooks",
+            "retry-failed` makes the failed events due again first.",
             "Booleans accept true/false, 1/0, yes/no, on/off. A bad value stops the server (exit code 2).",
             "",
         ]
@@ -319,6 +352,17 @@ extension Configuration {
 // MARK: - Loading
 
 extension Configuration {
+    /// `recordedEvents` from `SMTP_WEBHOOK_URL` and `SMTP_WEBHOOK_EVENTS` alone, validated as
+    /// `load(from:)` does: for tools that write to the server's database without its whole
+    /// configuration (user-cli writes `user.created`).
+    public static func recordedEvents(from environment: [String: String]) throws(ConfigurationError) -> Set<WebhookEvent> {
+        let env = EnvironmentReader(environment)
+        var config = Configuration()
+        config.webhookURL = try env.webhookURL("SMTP_WEBHOOK_URL")
+        config.webhookEvents = try env.webhookEvents("SMTP_WEBHOOK_EVENTS") ?? config.webhookEvents
+        return config.recordedEvents
+    }
+
     /// Reads and validates every variable; the first bad one throws.
     /// An empty value counts as unset (its default applies).
     public static func load(from environment: [String: String]) throws(ConfigurationError) -> Configuration {
@@ -404,6 +448,11 @@ extension Configuration {
         config.maxQueueAgeSeconds =
             try env.int("SMTP_MAX_QUEUE_AGE_SECONDS", in: 60...2_592_000) ?? config.maxQueueAgeSeconds
         config.leaseSeconds = try env.int("SMTP_LEASE_SECONDS", in: 10...86400) ?? config.leaseSeconds
+        config.webhookURL = try env.webhookURL("SMTP_WEBHOOK_URL")
+        config.webhookEvents = try env.webhookEvents("SMTP_WEBHOOK_EVENTS") ?? config.webhookEvents
+        config.webhookSecret = try env.password("SMTP_WEBHOOK_SECRET")
+        config.webhookRetrySeconds = try env.int("SMTP_WEBHOOK_RETRY_SECONDS", in: 1...3600) ?? config.webhookRetrySeconds
+        config.webhookMaxAttempts = try env.int("SMTP_WEBHOOK_MAX_ATTEMPTS", in: 1...100) ?? config.webhookMaxAttempts
         if config.storageType == .s3 && config.s3Bucket == nil {
             throw ConfigurationError(variable: "SMTP_S3_BUCKET", message: "required when SMTP_STORAGE_TYPE is s3")
         }
@@ -651,6 +700,41 @@ struct EnvironmentReader {
             !authority.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F })
         else { throw self.error(name, "expected an http:// or https:// URL of a server, without a path", got: value) }
         return scheme + authority
+    }
+
+    /// An `http://` or `https://` URL with a host (a path and query allowed), without
+    /// user information, spaces or control characters.
+    func webhookURL(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = self.raw(name) else { return nil }
+        let text = Self.trim(value)
+        let lower = text.lowercased()
+        guard lower.hasPrefix("http://") || lower.hasPrefix("https://"),
+            !text.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F }),
+            let components = URLComponents(string: text), let host = components.host, !host.isEmpty,
+            components.user == nil, components.password == nil, components.fragment == nil,
+            (components.port.map { (1...65535).contains($0) } ?? true)
+        else {
+            throw self.error(name, "expected an http:// or https:// URL such as https://example.com/webhook", got: value)
+        }
+        return text
+    }
+
+    /// Comma-separated event names of `WebhookEvent` (blanks around commas and empty items
+    /// ignored), at least one; an unknown name is the error, quoted.
+    func webhookEvents(_ name: String) throws(ConfigurationError) -> Set<WebhookEvent>? {
+        guard let value = self.raw(name) else { return nil }
+        let names = WebhookEvent.allCases.map(\.rawValue).joined(separator: ", ")
+        var events: Set<WebhookEvent> = []
+        for item in value.split(separator: ",") {
+            let text = Self.trim(item)
+            guard !text.isEmpty else { continue }
+            guard let event = WebhookEvent(rawValue: text.lowercased()) else {
+                throw self.error(name, "unknown event (expected comma-separated events from \(names))", got: text)
+            }
+            events.insert(event)
+        }
+        guard !events.isEmpty else { throw self.error(name, "expected at least one event from \(names)", got: value) }
+        return events
     }
 
     /// An S3 bucket name: 3-63 of a-z 0-9 . -, starting and ending with a letter or digit.

@@ -29,14 +29,18 @@ public struct IngressService: SMTPServerDelegate {
     /// recorded: an `IngressService` used only as a router (bounces) must not register ingress
     /// metrics in a role that does not receive mail.
     public let metrics: IngressMetrics
+    /// Where `auth.failed` webhook events go (when `configuration.recordedEvents` holds it).
+    public let events: (any EventOutbox)?
     public let logger: Logger
 
     public init(
         configuration: Configuration, accounts: AccountService, queue: any MessageQueue, spool: any BlobStore,
         newMail: Doorbell?, quota: QuotaChecker? = nil, limiter: any RateLimiter = InProcessRateLimiter(),
-        turnaround: (any ATRNDeliverer)? = nil, metrics: IngressMetrics = .none, logger: Logger
+        turnaround: (any ATRNDeliverer)? = nil, metrics: IngressMetrics = .none, events: (any EventOutbox)? = nil,
+        logger: Logger
     ) {
         self.metrics = metrics
+        self.events = events
         self.limiter = limiter
         self.turnaround = turnaround
         self.configuration = configuration
@@ -107,8 +111,20 @@ public struct IngressService: SMTPServerDelegate {
         if user == nil {
             logger.info("AUTH failed", metadata: ["client": "\(session.clientAddress)"])
             _ = await hit(.authFailure, session: session)
+            await recordAuthFailure(login: login, session: session)
         }
         return user?.username
+    }
+
+    /// Writes an `auth.failed` event (the name tried, at most 256 characters, and the client's
+    /// address). A failure to write it is logged; the client's reply does not change.
+    private func recordAuthFailure(login: String, session: SMTPSessionInfo) async {
+        guard let events, configuration.recordedEvents.contains(.authFailed) else { return }
+        do {
+            try await events.append(.authFailed(username: String(login.prefix(256)), clientAddress: session.clientAddress, at: Date()))
+        } catch {
+            logger.error("auth.failed webhook event not recorded", metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: RCPT

@@ -97,8 +97,8 @@ extension MessageQueue {
 /// A row of the `events` outbox, written in the transaction of the change it reports.
 public struct OutboxEvent: Sendable, Equatable {
     /// `message.sent`: recipients were delivered. `message.failed`: recipients failed for good.
-    public static let messageSent = "message.sent"
-    public static let messageFailed = "message.failed"
+    public static let messageSent = WebhookEvent.messageSent.rawValue
+    public static let messageFailed = WebhookEvent.messageFailed.rawValue
 
     /// `evt_` and 20 random characters.
     public var id: String
@@ -165,8 +165,8 @@ public struct OutboxEvent: Sendable, Equatable {
     }
 }
 
-/// The `data` of a delivery event.
-private struct EventData: Encodable {
+/// The `data` of a message event (`message.received`, `message.sent`, `message.failed`).
+struct EventData: Encodable {
     var messageID: String
     var summary: OutboxEvent.MessageSummary
     var to: [String]
@@ -222,7 +222,7 @@ private struct QueuePageJSON: Encodable {
     }
 }
 
-private enum EventJSON {
+enum EventJSON {
     struct Envelope<Data: Encodable>: Encodable {
         var event: String
         var timestamp: String

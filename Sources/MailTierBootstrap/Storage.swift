@@ -1,6 +1,11 @@
 // MailTierBootstrap — which adapters a configuration selects, shared by `smtp-server` and
 // `user-cli` so that both see the same accounts, queue and mailboxes. Imports every adapter;
 // nothing imports it but the executables.
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -34,10 +39,13 @@ public struct Storage: Sendable {
     public let spool: any BlobStore
     public let mailboxes: any MailboxStore
     public let s3: S3Client?
+    /// The webhook events the adapters write (`Configuration.recordedEvents`).
+    public let recording: Set<WebhookEvent>
     private let logger: Logger
 
-    public var users: any UserStore { database.users }
-    public var queue: any MessageQueue { database.queue }
+    public var users: any UserStore { database.users(recording: recording) }
+    public var queue: any MessageQueue { database.queue(recording: recording) }
+    public var events: any EventOutbox { database.events }
 
     /// Opens the configured database (`Database.open`), then builds the rest.
     public init(configuration: Configuration, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
@@ -49,6 +57,7 @@ public struct Storage: Sendable {
     public init(configuration: Configuration, database: Database, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
         self.database = database
         self.logger = logger
+        self.recording = configuration.recordedEvents
         if let bucket = configuration.s3Bucket, let accessKey = configuration.s3AccessKey, let secretKey = configuration.s3SecretKey {
             s3 = S3Client(
                 configuration: S3Configuration(
@@ -163,17 +172,27 @@ extension Storage {
             }
         }
 
-        public var users: any UserStore {
+        /// The accounts; `create` writes `user.created` when `recording` holds it.
+        public func users(recording: Set<WebhookEvent>) -> any UserStore {
             switch self {
-            case .sqlite(let database): SQLiteUserStore(database: database)
-            case .postgres(let database): PostgresUserStore(database: database)
+            case .sqlite(let database): SQLiteUserStore(database: database, recording: recording)
+            case .postgres(let database): PostgresUserStore(database: database, recording: recording)
             }
         }
 
-        public var queue: any MessageQueue {
+        /// The queue; it writes the `message.*` events `recording` holds.
+        public func queue(recording: Set<WebhookEvent>) -> any MessageQueue {
             switch self {
-            case .sqlite(let database): SQLiteMessageQueue(database: database)
-            case .postgres(let database): PostgresMessageQueue(database: database)
+            case .sqlite(let database): SQLiteMessageQueue(database: database, recording: recording)
+            case .postgres(let database): PostgresMessageQueue(database: database, recording: recording)
+            }
+        }
+
+        /// The webhook outbox.
+        public var events: any EventOutbox {
+            switch self {
+            case .sqlite(let database): SQLiteEventOutbox(database: database)
+            case .postgres(let database): PostgresEventOutbox(database: database)
             }
         }
 
@@ -282,6 +301,34 @@ extension Storage {
                 try await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(30))
             }
+        }
+    }
+
+    /// `smtp-server webhooks [retry-failed]`: the webhook outbox's counts and failed events (at
+    /// most 100, oldest first), after making the failed ones due again when `retryFailed`. Returns
+    /// the text to print: `webhook events: 3 waiting, 1 failed, 120 delivered`, then one
+    /// `failed: <id> <type> <created> attempts=<n> <last error>` line per failed event.
+    public static func webhooks(
+        retryFailed: Bool, configuration: Configuration, threadPool: NIOThreadPool, logger: Logger
+    ) async throws(Failure) -> String {
+        let database = try Database.open(configuration, threadPool: threadPool, logger: logger)
+        do {
+            return try await database.withRunning(migration: .first, logger: logger) {
+                let outbox = database.events
+                var lines: [String] = []
+                if retryFailed {
+                    lines.append("made \(try await outbox.retryFailed(now: Date())) failed webhook event(s) due again")
+                }
+                let counts = try await outbox.counts()
+                lines.append("webhook events: \(counts.waiting) waiting, \(counts.failed) failed, \(counts.delivered) delivered")
+                lines += try await outbox.failed(limit: 100).map { "failed: \($0.line)" }
+                return lines.joined(separator: "\n") + "\n"
+            }
+        } catch let failure as Failure {
+            throw failure
+        } catch {
+            let variable = configuration.databaseURL == nil ? "SMTP_DB_PATH" : "SMTP_DATABASE_URL"
+            throw Failure(variable: variable, message: "cannot read the webhook outbox of \(database.name): \(error)", exitCode: 1)
         }
     }
 

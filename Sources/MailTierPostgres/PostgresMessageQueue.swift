@@ -18,11 +18,15 @@ import PostgresNIO
 ///   lease expired and was claimed again changes nothing;
 /// - `record` locks the message rows it touches first (in id order), so two workers recording
 ///   the last two recipients of one message cannot both miss that it is finished.
+///
+/// The webhook events of `recording` are written into `events` by the same statements.
 public struct PostgresMessageQueue: MessageQueue {
     public let database: PostgresDatabase
+    public let recording: Set<WebhookEvent>
 
-    public init(database: PostgresDatabase) {
+    public init(database: PostgresDatabase, recording: Set<WebhookEvent> = WebhookEvent.all) {
         self.database = database
+        self.recording = recording
     }
 
     public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
@@ -35,6 +39,8 @@ public struct PostgresMessageQueue: MessageQueue {
 
     /// One statement; with `ifAbsent`, an existing id makes the message insert do nothing
     /// (`ON CONFLICT (id) DO NOTHING`), so no recipient row is inserted either: returns false.
+    /// A `message.received` event (when recorded) is inserted by the same statement, only with
+    /// the message.
     ///
     /// Inside BEGIN … COMMIT, although it is one statement: on its own, its success is reported
     /// (CommandComplete) before the implicit transaction commits at Sync, and a server that dies
@@ -42,6 +48,7 @@ public struct PostgresMessageQueue: MessageQueue {
     /// committed. COMMIT's own reply comes only once the commit is durable.
     private func insert(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int, ifAbsent: Bool) async throws -> Bool {
         let clean = PostgresSearchText.withoutNUL
+        let events = OutboxEvent.filter([.messageReceived(message, recipients: recipients)], recording: recording)
         let inserted = try await database.transaction { transaction in try await transaction.query(
             """
             WITH message AS (
@@ -53,6 +60,11 @@ public struct PostgresMessageQueue: MessageQueue {
                     \(clean(message.heloName)), \(message.authenticatedUser.map(clean)), \(message.createdAt.unixSeconds))
                 \(unescaped: ifAbsent ? "ON CONFLICT (id) DO NOTHING" : "")
                 RETURNING id, created_at, deliver_by
+            ), event AS (
+                INSERT INTO events (id, type, payload, created_at, next_attempt)
+                SELECT e.id, e.type, e.payload, message.created_at, message.created_at
+                FROM message, unnest(\(events.map(\.id))::text[], \(events.map(\.type))::text[], \(events.map(\.payload))::text[])
+                    AS e(id, type, payload)
             )
             INSERT INTO queue_recipients (message_id, recipient, domain, is_local, status, attempts, max_attempts,
                 next_retry, deliver_by)
@@ -151,16 +163,9 @@ public struct PostgresMessageQueue: MessageQueue {
                 if !touched.contains(job.messageID) { touched.append(job.messageID) }
             }
             guard !touched.isEmpty else { return RecordedOutcomes(finishedBlobKeys: [], recorded: []) }
-            let events = OutboxEvent.deliveryEvents(recorded: recorded, messages: summaries, now: now)
-            if !events.isEmpty {
-                try await transaction.query(
-                    """
-                    INSERT INTO events (id, type, payload, created_at, next_attempt)
-                    SELECT e.id, e.type, e.payload, \(now.unixSeconds), \(now.unixSeconds)
-                    FROM unnest(\(events.map(\.id))::text[], \(events.map(\.type))::text[], \(events.map { clean($0.payload) })::text[])
-                        AS e(id, type, payload)
-                    """)
-            }
+            try await PostgresEventOutbox.insert(
+                OutboxEvent.filter(OutboxEvent.deliveryEvents(recorded: recorded, messages: summaries, now: now), recording: recording),
+                transaction)
             let finished = try await transaction.query(
                 """
                 DELETE FROM queue_messages AS m WHERE m.id = ANY(\(touched)::text[])

@@ -11,11 +11,15 @@ import PostgresNIO
 /// ASCII case (`lower(email COLLATE "C")`, SQLite's NOCASE), times are whole seconds, and a
 /// duplicate username or email address throws `UserStoreError.duplicateUsername` /
 /// `.duplicateEmail`. Ids come from a sequence: increasing, but a refused insert uses one up.
+/// With `.userCreated` in `recording`, `create` writes a `user.created` event into `events` in
+/// the insert's transaction.
 public struct PostgresUserStore: UserStore {
     public let database: PostgresDatabase
+    public let recording: Set<WebhookEvent>
 
-    public init(database: PostgresDatabase) {
+    public init(database: PostgresDatabase, recording: Set<WebhookEvent> = WebhookEvent.all) {
         self.database = database
+        self.recording = recording
     }
 
     /// In the order `decode` reads them.
@@ -23,16 +27,21 @@ public struct PostgresUserStore: UserStore {
 
     public func create(username: String, email: String, passwordHash: String, quotaMB: Int, isAdmin: Bool) async throws -> User {
         let createdAt = Date().unixSeconds
-        let rows = try await mapped {
-            try await database.query(
-                """
-                INSERT INTO users (username, email, password_hash, quota_mb, is_admin, enabled, created_at)
-                VALUES (\(username), \(email), \(passwordHash), \(quotaMB), \(isAdmin), true, \(createdAt))
-                RETURNING \(unescaped: Self.columns)
-                """)
+        let recording = self.recording
+        return try await mapped {
+            try await database.transaction { transaction in
+                let rows = try await transaction.query(
+                    """
+                    INSERT INTO users (username, email, password_hash, quota_mb, is_admin, enabled, created_at)
+                    VALUES (\(username), \(email), \(passwordHash), \(quotaMB), \(isAdmin), true, \(createdAt))
+                    RETURNING \(unescaped: Self.columns)
+                    """)
+                guard let row = rows.first else { throw PostgresDatabaseError(.refused, "INSERT INTO users returned no row") }
+                let user = try Self.decode(row)
+                try await PostgresEventOutbox.insert(OutboxEvent.filter([.userCreated(user)], recording: recording), transaction)
+                return user
+            }
         }
-        guard let row = rows.first else { throw PostgresDatabaseError(.refused, "INSERT INTO users returned no row") }
-        return try Self.decode(row)
     }
 
     public func user(named username: String) async throws -> User? {

@@ -6,12 +6,16 @@ import Foundation
 import MailTier
 
 /// The queue in SQLite (embedded mode). Claims run in `BEGIN IMMEDIATE` transactions, so two
-/// workers never claim the same job; results are fenced by the lease token.
+/// workers never claim the same job; results are fenced by the lease token. The webhook events
+/// of `recording` (`message.received`, `message.sent`, `message.failed`) are written into
+/// `events` in the transaction of the change they report.
 public struct SQLiteMessageQueue: MessageQueue {
     public let database: SQLiteDatabase
+    public let recording: Set<WebhookEvent>
 
-    public init(database: SQLiteDatabase) {
+    public init(database: SQLiteDatabase, recording: Set<WebhookEvent> = WebhookEvent.all) {
         self.database = database
+        self.recording = recording
     }
 
     public func enqueue(_ message: QueuedMessage, recipients: [QueuedRecipient], maxAttempts: Int) async throws {
@@ -55,6 +59,8 @@ public struct SQLiteMessageQueue: MessageQueue {
                         .optionalInteger(message.deliverBy?.unixSeconds),
                     ])
             }
+            try SQLiteEventOutbox.insert(
+                OutboxEvent.filter([.messageReceived(message, recipients: recipients)], recording: recording), db)
             return true
         }
     }
@@ -134,12 +140,8 @@ public struct SQLiteMessageQueue: MessageQueue {
                         from: row.string("mail_from") ?? "", subject: row.string("subject"), sizeBytes: Int(row.int("size_bytes") ?? 0))
                 }
             }
-            for event in OutboxEvent.deliveryEvents(recorded: recorded, messages: summaries, now: now) {
-                try db.execute(
-                    "INSERT INTO events (id, type, payload, created_at, next_attempt) VALUES (?, ?, ?, ?, ?)",
-                    [.text(event.id), .text(event.type), .text(event.payload), .integer(event.createdAt.unixSeconds),
-                     .integer(event.createdAt.unixSeconds)])
-            }
+            try SQLiteEventOutbox.insert(
+                OutboxEvent.filter(OutboxEvent.deliveryEvents(recorded: recorded, messages: summaries, now: now), recording: recording), db)
             var finished: [String] = []
             for messageID in touched {
                 let open = try db.query(

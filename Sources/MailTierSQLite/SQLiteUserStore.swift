@@ -5,12 +5,15 @@ import Foundation
 #endif
 import MailTier
 
-/// `UserStore` over the `users` table.
+/// `UserStore` over the `users` table. With `.userCreated` in `recording`, `create` writes a
+/// `user.created` event into `events` in the insert's transaction.
 public struct SQLiteUserStore: UserStore {
     public let database: SQLiteDatabase
+    public let recording: Set<WebhookEvent>
 
-    public init(database: SQLiteDatabase) {
+    public init(database: SQLiteDatabase, recording: Set<WebhookEvent> = WebhookEvent.all) {
         self.database = database
+        self.recording = recording
     }
 
     static let columns = "id, username, email, password_hash, quota_mb, is_admin, enabled, created_at, last_login"
@@ -19,10 +22,13 @@ public struct SQLiteUserStore: UserStore {
         -> User
     {
         let createdAt = Self.now()
+        let recording = self.recording
         return try await database.write { connection in
-            try Self.insert(
+            let user = try Self.insert(
                 connection, username: username, email: email, passwordHash: passwordHash, quotaMB: quotaMB,
                 isAdmin: isAdmin, createdAt: createdAt)
+            try SQLiteEventOutbox.insert(OutboxEvent.filter([.userCreated(user)], recording: recording), connection)
+            return user
         }
     }
 

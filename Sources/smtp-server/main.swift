@@ -15,6 +15,7 @@ import MailTierPostgres
 import MailTierRedis
 import MailTierS3
 import MailTierSQLite
+import MailTierWebhooks
 import Metrics
 import NIOCore
 import NIOPosix
@@ -35,7 +36,9 @@ if arguments.contains("--help") || arguments.contains("-h") {
 }
 // `smtp-server migrate`: apply the pending migrations, print one line, exit.
 let migrateOnly = arguments.count == 1 && arguments.first == "migrate"
-if !migrateOnly, let unknown = arguments.first {
+// `smtp-server webhooks [retry-failed]`: the webhook outbox's counts and failed events.
+let webhooksReport = arguments.first == "webhooks" && (arguments.count == 1 || Array(arguments) == ["webhooks", "retry-failed"])
+if !migrateOnly, !webhooksReport, let unknown = arguments.first {
     fail("unknown argument \(unknown) (see smtp-server --help)")
 }
 
@@ -62,6 +65,20 @@ if migrateOnly {
     threadPool.start()
     do {
         print(try await Storage.migrate(configuration: configuration, threadPool: threadPool, logger: logger))
+    } catch {
+        fail(error.description, code: error.exitCode)
+    }
+    try? await threadPool.shutdownGracefully()
+    exit(0)
+}
+
+if webhooksReport {
+    let threadPool = NIOThreadPool(numberOfThreads: 1)
+    threadPool.start()
+    do {
+        print(
+            try await Storage.webhooks(retryFailed: arguments.count == 2, configuration: configuration, threadPool: threadPool, logger: logger),
+            terminator: "")
     } catch {
         fail(error.description, code: error.exitCode)
     }
@@ -153,7 +170,7 @@ if configuration.role == .all || configuration.role == .ingress {
         configuration: configuration, accounts: accounts, queue: queue, spool: spool,
         newMail: configuration.role == .all ? doorbell : nil, quota: quota, limiter: redis.limiter,
         turnaround: ATRNTurnaround(delivery: delivery, hostname: configuration.hostname, logger: logger),
-        metrics: IngressMetrics(factory: metricsFactory, counters: counters), logger: logger)
+        metrics: IngressMetrics(factory: metricsFactory, counters: counters), events: storage.events, logger: logger)
     let server = SMTPServer(
         configuration: .init(
             host: configuration.host, port: configuration.port, maxConnections: configuration.maxConnections,
@@ -172,6 +189,14 @@ if configuration.role == .all || configuration.role == .ingress {
 if configuration.role == .all || configuration.role == .delivery {
     services.append(transport)
     services.append(delivery)
+    // Webhooks: the roles that deliver also drain the events outbox (claims are leased, so every
+    // delivery node may run a sender). Events are only written when SMTP_WEBHOOK_URL is set.
+    if let url = configuration.webhookURL {
+        var settings = WebhookSender.Settings(url: url, secret: configuration.webhookSecret)
+        settings.retry = WebhookRetryPolicy(
+            first: .seconds(configuration.webhookRetrySeconds), maxAttempts: configuration.webhookMaxAttempts)
+        services.append(WebhookSender(outbox: storage.events, settings: settings, logger: logger))
+    }
 }
 
 /// `disk` for the directory this process writes mail or its database to, when it has one.

@@ -44,6 +44,8 @@ let usage = """
       SMTP_DATABASE_URL  PostgreSQL URL (postgres://user:password@host:port/db), as the server
       SMTP_DB_PATH       SQLite database file, without SMTP_DATABASE_URL (default: smtp.db)
       SMTP_STORAGE_PATH  Mail storage directory (default: /var/mail)
+      SMTP_WEBHOOK_URL   As the server: when set, `create` records a user.created webhook event
+      SMTP_WEBHOOK_EVENTS  As the server (default: all events)
 
     """
 
@@ -178,8 +180,15 @@ func run(_ arguments: [String], threadPool: NIOThreadPool) async throws(Failure)
         quota = try parseInt(rest[rest.startIndex + 1], what: "quota")
     }
 
+    // `create` writes `user.created` into the webhook outbox when the server would send it.
+    let recording: Set<WebhookEvent>
+    do {
+        recording = try Configuration.recordedEvents(from: ProcessInfo.processInfo.environment)
+    } catch {
+        throw .runtime(error.description)
+    }
     let database = try openDatabase(threadPool: threadPool)
-    let accounts = AccountService(users: database.users, hasher: Argon2idHasher(threadPool: threadPool))
+    let accounts = AccountService(users: database.users(recording: recording), hasher: Argon2idHasher(threadPool: threadPool))
     do {
         return try await database.withRunning(migration: .first, logger: quietLogger) { [limit, quota] in
             try await execute(command, Array(rest), limit: limit, quota: quota, accounts: accounts, database: database, threadPool: threadPool)

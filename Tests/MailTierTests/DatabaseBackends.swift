@@ -33,6 +33,21 @@ struct TestDatabase: Sendable {
         return SQLiteMessageQueue(database: sqlite!)
     }
 
+    func users(recording: Set<WebhookEvent>) -> any UserStore {
+        if let postgres { return PostgresUserStore(database: postgres, recording: recording) }
+        return SQLiteUserStore(database: sqlite!, recording: recording)
+    }
+
+    func queue(recording: Set<WebhookEvent>) -> any MessageQueue {
+        if let postgres { return PostgresMessageQueue(database: postgres, recording: recording) }
+        return SQLiteMessageQueue(database: sqlite!, recording: recording)
+    }
+
+    var events: any EventOutbox {
+        if let postgres { return PostgresEventOutbox(database: postgres) }
+        return SQLiteEventOutbox(database: sqlite!)
+    }
+
     /// Runs one statement of SQL that both databases accept (for checks and for breaking things).
     func execute(_ sql: String) async throws {
         if let postgres {
