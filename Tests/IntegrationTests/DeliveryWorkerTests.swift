@@ -265,6 +265,9 @@ private struct WorkerQueue {
             "SMTP_DB_PATH": directory.appendingPathComponent("\(name).db").path, "SMTP_LOCAL_DOMAINS": "example.test",
             "SMTP_QUEUE_POLL_SECONDS": "1", "SMTP_LOG_LEVEL": "info", "SMTP_LEASE_SECONDS": "10",
             "SMTP_ADMIN_PASSWORD": "Adm1n-Passw0rd!",
+            // Events are written only for a webhook: message.sent rows show how many results were
+            // recorded. Nobody listens on port 9; the posts fail and are retried, which is harmless here.
+            "SMTP_WEBHOOK_URL": "http://127.0.0.1:9/", "SMTP_WEBHOOK_EVENTS": "message.sent,message.failed",
         ]) { _, new in new }
         environment.merge(overrides) { _, new in new }
         return try ChildProcess(try ServerHarness.executable("smtp-server"), [], environment: environment, outputDirectory: directory, name: name)

@@ -156,6 +156,7 @@ private func event(attempt: Int = 1) -> ClaimedEvent {
             let client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
             let before = Date()
             try await sender.runOnce(client: client)
+            let after = Date()
             outbox.state.withLockedValue { $0.waiting = [event(attempt: 2)] }
             try await sender.runOnce(client: client)  // no answer: times out after 1 s
             outbox.state.withLockedValue { $0.waiting = [event(attempt: 3)] }
@@ -163,8 +164,9 @@ private func event(attempt: Int = 1) -> ClaimedEvent {
             let failures = outbox.state.withLockedValue { $0.failures }
             try #require(failures.count == 2)
             #expect(failures[0].error == "HTTP 500")
-            let firstDelay = try #require(failures[0].retryAt).timeIntervalSince(before)
-            #expect(firstDelay >= 9 && firstDelay <= 12)
+            // 10 s (no jitter) after the failure, which came between `before` and `after`.
+            let retryAt = try #require(failures[0].retryAt)
+            #expect(retryAt.timeIntervalSince(before) >= 9 && retryAt.timeIntervalSince(after) <= 11, "\(retryAt) for \(before)…\(after)")
             #expect(!failures[1].error.isEmpty && failures[1].retryAt != nil)
             #expect(outbox.state.withLockedValue { $0.delivered }.isEmpty)
         }
