@@ -104,11 +104,27 @@ public final class PostgresDatabase: Service, Sendable {
     // MARK: - Queries
 
     /// Runs one statement on a pooled connection and returns every row.
+    ///
+    /// A statement that may write (anything but a `SELECT`) runs between BEGIN and COMMIT: alone,
+    /// the extended protocol reports it complete (CommandComplete) before the implicit
+    /// transaction commits at Sync, and a server that dies in between flushes that report on its
+    /// way out — a success for a change that was never committed (a 250 for a lost message, a
+    /// delivery recorded for a mailbox row that is gone). COMMIT's own reply comes only once the
+    /// commit is durable.
     @discardableResult
     public func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
-        try await withConnection(checked: true, limit: limits.operation) { connection, logger in
+        guard Self.isReadOnly(query.sql) else {
+            return try await transaction { transaction in try await transaction.query(query) }
+        }
+        return try await withConnection(checked: true, limit: limits.operation) { connection, logger in
             try await connection.query(query, logger: logger).collect()
         }
+    }
+
+    /// A plain `SELECT` (no `FOR UPDATE`, which only makes sense in a transaction anyway).
+    static func isReadOnly(_ sql: String) -> Bool {
+        let start = sql.drop { $0.isWhitespace }.prefix(7).uppercased()
+        return start.hasPrefix("SELECT") && (start.count == 6 || start.last.map { $0.isWhitespace || $0 == "(" } == true)
     }
 
     /// Runs `body` between BEGIN and COMMIT on one connection; ROLLBACK when it throws, and its

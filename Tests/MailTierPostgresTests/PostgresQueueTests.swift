@@ -236,3 +236,19 @@ private func recipients(_ count: Int, of id: String) -> [QueuedRecipient] {
         }
     }
 }
+
+@Suite("PostgreSQL writes are committed before they are reported")
+struct PostgresWriteCommitTests {
+    /// Anything but a plain SELECT goes through BEGIN … COMMIT (see `PostgresDatabase.query`).
+    @Test func onlyPlainSelectsRunWithoutATransaction() {
+        for read in ["SELECT 1", "  select id FROM users", "SELECT\n*", "SELECT(1)"] {
+            #expect(PostgresDatabase.isReadOnly(read), "\(read)")
+        }
+        for write in [
+            "INSERT INTO t VALUES (1)", "UPDATE t SET a = 1", "DELETE FROM t", "WITH m AS (INSERT INTO t VALUES (1) RETURNING id) SELECT id FROM m",
+            "SELECTED", "", "  ",
+        ] {
+            #expect(!PostgresDatabase.isReadOnly(write), "\(write)")
+        }
+    }
+}
