@@ -96,10 +96,13 @@ public final class APIAuthenticator: Sendable {
     let accounts: AccountService
     let limiter: any RateLimiter
     let settings: Settings
+    /// Where a failed login's `auth.failed` webhook event goes; nil: none is written.
+    let failedLogins: (any EventOutbox)?
     private let cache = NIOLockedValueBox<[String: Verified]>([:])
     private let verifications: AsyncLimit
 
-    public init(accounts: AccountService, limiter: any RateLimiter, settings: Settings) {
+    public init(accounts: AccountService, limiter: any RateLimiter, settings: Settings, failedLogins: (any EventOutbox)? = nil) {
+        self.failedLogins = failedLogins
         self.accounts = accounts
         self.limiter = limiter
         self.settings = settings
@@ -133,6 +136,8 @@ public final class APIAuthenticator: Sendable {
                     _ = await limiter.hit(.apiAuthFailure, key: limitKey, rule: rule, now: now)
                 }
             }
+            // Best effort, like SMTP AUTH's: a failed login is not refused for want of its event.
+            try? await failedLogins?.append(.authFailed(username: String(username.prefix(256)), clientAddress: client, at: now))
             throw APIError.unauthorized("invalid credentials")
         }
         remember(key, user)

@@ -237,7 +237,8 @@ if configuration.role == .all || configuration.role == .admin {
     adminServices = AdminServices(
         accounts: accounts, mailboxes: mailboxes, queue: queue, spool: spool,
         authenticator: APIAuthenticator(
-            accounts: accounts, limiter: redis.limiter, settings: .init(failureRule: limits.rule(for: .apiAuthFailure))),
+            accounts: accounts, limiter: redis.limiter, settings: .init(failureRule: limits.rule(for: .apiAuthFailure)),
+            failedLogins: configuration.recordedEvents.contains(.authFailed) ? storage.events : nil),
         requestRule: limits.rule(for: .apiRequest), newMail: configuration.role == .all ? doorbell : nil,
         statistics: {
             var counted = counters.snapshot

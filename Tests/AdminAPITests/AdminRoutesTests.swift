@@ -457,4 +457,25 @@ struct AdminRoutesTests {
             }
         }
     }
+
+    @Test("a failed API login writes an auth.failed webhook event (the name tried and the address), a good one none")
+    func failedLoginEvent() async throws {
+        let directory = NSTemporaryDirectory() + "mailtier-api-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let database = try SQLiteDatabase(path: directory + "/smtp.db", threadPool: NIOThreadPool.singleton)
+        let accounts = AccountService(users: SQLiteUserStore(database: database), hasher: Argon2idHasher(threadPool: NIOThreadPool.singleton))
+        _ = try await accounts.create(username: "bob", email: "bob@example.com", password: bobPassword)
+        let outbox = SQLiteEventOutbox(database: database)
+        let authenticator = APIAuthenticator(
+            accounts: accounts, limiter: InProcessRateLimiter(), settings: .init(failureRule: nil), failedLogins: outbox)
+        _ = try await authenticator.authenticate(basic("bob", bobPassword), client: "192.0.2.7")
+        await #expect(throws: APIError.self) { try await authenticator.authenticate(basic("bob", "Wrong-Passw0rd"), client: "192.0.2.7") }
+        // (The user store records user.created for bob.)
+        let events = try await outbox.claim(now: Date().addingTimeInterval(5), limit: 10, lease: .seconds(60)).filter { $0.type != "user.created" }
+        #expect(events.map(\.type) == ["auth.failed"])
+        let payload = try #require(try JSONSerialization.jsonObject(with: Data((events.first?.payload ?? "").utf8)) as? [String: Any])
+        #expect(payload["event"] as? String == "auth.failed")
+        #expect(payload["data"] as? [String: String] == ["username": "bob", "client_ip": "192.0.2.7"], "\(payload)")
+    }
 }
