@@ -100,3 +100,37 @@ public final class Doorbell: Sendable {
         }
     }
 }
+
+/// The first of several values offered from different tasks; later offers are dropped.
+public final class FirstOffer<Value: Sendable>: Sendable {
+    private struct State {
+        var value: Value?
+        var waiter: CheckedContinuation<Value, Never>?
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    public init() {}
+
+    public func offer(_ value: Value) {
+        let waiter = state.withLockedValue { state -> CheckedContinuation<Value, Never>? in
+            guard state.value == nil else { return nil }
+            state.value = value
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: value)
+    }
+
+    /// Waits for the first offer (one caller only).
+    public func value() async -> Value {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLockedValue { state -> Value? in
+                if let value = state.value { return value }
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}

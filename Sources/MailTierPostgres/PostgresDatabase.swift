@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Logging
+import MailTier
 import NIOCore
 import PostgresNIO
 import ServiceLifecycle
@@ -151,62 +152,89 @@ public final class PostgresDatabase: Service, Sendable {
     }
 
     /// Leases a connection for `body` within the bounds (see the type's documentation): the
-    /// lease and `body` race a timer; when the timer wins, the lease request is cancelled, or the
+    /// lease and `body` race a timer; when the timer wins, the lease request is abandoned, or the
     /// connection closed under `body`, and a `PostgresDatabaseError` is thrown. PostgresNIO's
     /// errors become `PostgresDatabaseError`s; `body`'s own errors pass through.
+    ///
+    /// The lease runs in a task of its own, which is not waited for once abandoned: the pool does
+    /// not always end a waiting lease request promptly when it is cancelled (seen while it was
+    /// reconnecting), and the answer must not wait for it. `body` sits in a slot that either the
+    /// lease takes (and then runs it) or the timer empties (and then it never runs): exactly one
+    /// of them, under the slot's lock. A lease granted after that finds the slot empty and hands
+    /// its connection back at once.
     private func withConnection<Result: Sendable>(
         checked: Bool, limit: Duration?, _ body: @Sendable (PostgresConnection, Logger) async throws -> Result
     ) async throws -> Result {
         if checked, !isMigrated {
             throw PostgresDatabaseError(.notMigrated, "the database schema has not been migrated yet")
         }
-        let leased = Flag()
         let wait = limits.connectionWait
         let (client, logger) = (self.client, self.logger)
-        do {
-            return try await withoutActuallyEscaping(body) { body in
-                try await withThrowingTaskGroup(of: Result?.self) { group in
-                    group.addTask {
-                        try await client.withConnection { connection in
-                            leased.set()
-                            return try await withTaskCancellationHandler {
-                                try await body(connection, logger)
-                            } onCancel: {
-                                connection.close()  // fails a statement that hangs; the pool drops the connection
-                            }
+        return try await withoutActuallyEscaping(body) { body in
+            let slot = WorkSlot(body)
+            let outcome = FirstOffer<Swift.Result<Result, any Error>>()
+            let lease = Task {
+                do {
+                    let value = try await client.withConnection { connection in
+                        guard let work = slot.take() else {
+                            throw CancellationError()  // abandoned: the connection goes back to the pool
+                        }
+                        return try await withTaskCancellationHandler {
+                            try await work(connection, logger)
+                        } onCancel: {
+                            connection.close()  // fails a statement that hangs; the pool drops the connection
                         }
                     }
-                    group.addTask {
-                        try await Task.sleep(for: wait)
-                        guard leased.isSet else {
-                            throw PostgresDatabaseError(.unavailable, "no connection to PostgreSQL within \(Self.seconds(wait))")
-                        }
-                        guard let limit else { return nil }
-                        try await Task.sleep(for: limit - wait)
-                        throw PostgresDatabaseError(.timedOut, "PostgreSQL did not answer within \(Self.seconds(limit))")
-                    }
-                    defer { group.cancelAll() }
-                    while let result = try await group.next() {
-                        if let result { return result }
-                    }
-                    throw CancellationError()  // unreachable: the first task returns or throws
+                    outcome.offer(.success(value))
+                } catch {
+                    outcome.offer(.failure(error))
                 }
             }
-        } catch let error as PSQLError {
-            throw PostgresDatabaseError(error, beforeConnection: !leased.isSet)
-        } catch let error as PostgresDatabaseError {
-            throw error
-        } catch where !leased.isSet && !(error is CancellationError) {
-            // The pool's own errors (its circuit breaker is open, it was shut down).
-            throw PostgresDatabaseError(.unavailable, "no connection to PostgreSQL (\(error))")
+            let timer = Task {
+                guard (try? await Task.sleep(for: wait)) != nil else { return }
+                if slot.take() != nil {
+                    outcome.offer(.failure(PostgresDatabaseError(.unavailable, "no connection to PostgreSQL within \(Self.seconds(wait))")))
+                    return
+                }
+                guard let limit, (try? await Task.sleep(for: limit - wait)) != nil else { return }
+                outcome.offer(.failure(PostgresDatabaseError(.timedOut, "PostgreSQL did not answer within \(Self.seconds(limit))")))
+            }
+            let result = await withTaskCancellationHandler {
+                await outcome.value()
+            } onCancel: {
+                outcome.offer(.failure(CancellationError()))
+            }
+            timer.cancel()
+            let started = slot.take() == nil
+            if started {
+                // `body` ran or runs: stop it (closing its connection) and wait, it holds `body`.
+                lease.cancel()
+                _ = await lease.result
+            } else {
+                lease.cancel()  // not waited for: it can no longer reach `body`
+            }
+            switch result {
+            case .success(let value):
+                return value
+            case .failure(let error as PSQLError):
+                throw PostgresDatabaseError(error, beforeConnection: !started)
+            case .failure(let error as PostgresDatabaseError):
+                throw error
+            case .failure(let error) where !started && !(error is CancellationError):
+                // The pool's own errors (its circuit breaker is open, it was shut down).
+                throw PostgresDatabaseError(.unavailable, "no connection to PostgreSQL (\(error))")
+            case .failure(let error):
+                throw error
+            }
         }
     }
 
-    /// Set once, read from other tasks.
-    private final class Flag: Sendable {
-        private let value = Mutex(false)
-        func set() { value.withLock { $0 = true } }
-        var isSet: Bool { value.withLock { $0 } }
+    /// Holds a value until the first `take()`.
+    private final class WorkSlot<Work: Sendable>: Sendable {
+        private let work: Mutex<Work?>
+        init(_ work: Work) { self.work = Mutex(work) }
+        /// The value the first time, nil after.
+        func take() -> Work? { work.withLock { work in defer { work = nil }; return work } }
     }
 
     static func seconds(_ duration: Duration) -> String {
