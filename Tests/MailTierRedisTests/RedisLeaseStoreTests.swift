@@ -33,9 +33,11 @@ import Testing
         guard let endpoint = TestServices.requireRedis() else { return }
         let client = makeClient(endpoint)
         let leases = RedisLeaseStore(client: client, namespace: uniqueNamespace())
-        #expect(try await leases.acquire("delivery", token: "old", ttl: .seconds(3)))
+        // 8 s: on a loaded machine the second call can come seconds after the first.
+        let acquired = ContinuousClock.now
+        #expect(try await leases.acquire("delivery", token: "old", ttl: .seconds(8)))
         #expect(try await leases.acquire("delivery", token: "new", ttl: .seconds(30)) == false)
-        try await Task.sleep(for: .milliseconds(3300))
+        try await Task.sleep(until: acquired + .milliseconds(8300))
         #expect(try await leases.renew("delivery", token: "old", ttl: .seconds(30)) == false)
         #expect(try await leases.acquire("delivery", token: "new", ttl: .seconds(30)))
         // The old holder cannot drop the new holder's lease.
