@@ -165,6 +165,8 @@ public struct Configuration: Sendable, Equatable {
     public var webhookRetrySeconds: Int = 10
     /// Posts of one event before it fails for good.
     public var webhookMaxAttempts: Int = 10
+    /// `/health` is unhealthy when the storage's file system has less free space than this (API.md: 10 %).
+    public var healthMinimumFreeDiskPercent: Int = 10
 
     public init() {}
 
@@ -320,6 +322,9 @@ extension Configuration {
         Variable(
             name: "SMTP_WEBHOOK_MAX_ATTEMPTS", defaultValue: "10",
             summary: "Posts of one event before it fails for good (1-100)"),
+        Variable(
+            name: "SMTP_HEALTH_MIN_FREE_DISK_PERCENT", defaultValue: "10",
+            summary: "/health is unhealthy under this much free space where mail is stored (0-99; 0 = off)"),
     ]
 
     /// Usage text for `smtp-server --help`: every variable, its default and what it does.
@@ -453,6 +458,8 @@ extension Configuration {
         config.webhookSecret = try env.password("SMTP_WEBHOOK_SECRET")
         config.webhookRetrySeconds = try env.int("SMTP_WEBHOOK_RETRY_SECONDS", in: 1...3600) ?? config.webhookRetrySeconds
         config.webhookMaxAttempts = try env.int("SMTP_WEBHOOK_MAX_ATTEMPTS", in: 1...100) ?? config.webhookMaxAttempts
+        config.healthMinimumFreeDiskPercent =
+            try env.int("SMTP_HEALTH_MIN_FREE_DISK_PERCENT", in: 0...99) ?? config.healthMinimumFreeDiskPercent
         if config.storageType == .s3 && config.s3Bucket == nil {
             throw ConfigurationError(variable: "SMTP_S3_BUCKET", message: "required when SMTP_STORAGE_TYPE is s3")
         }

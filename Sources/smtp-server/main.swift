@@ -207,11 +207,11 @@ func localDiskChecks(_ configuration: Configuration) -> [HealthCheck] {
     } else if configuration.databaseURL == nil {
         path = (configuration.dbPath as NSString).deletingLastPathComponent
     }
-    guard var path else { return [] }
+    guard var path, configuration.healthMinimumFreeDiskPercent > 0 else { return [] }
     if path.isEmpty { path = "." }
     // The directory may not exist yet (created at the first delivery): its nearest existing parent.
     while !FileManager.default.fileExists(atPath: path), path != "/" { path = (path as NSString).deletingLastPathComponent }
-    return [HealthCheck.diskSpace(path)]
+    return [HealthCheck.diskSpace(path, minimumFreePercent: Double(configuration.healthMinimumFreeDiskPercent))]
 }
 
 // GET /health in every role (the only service of `admin` for now). After the Redis client and
