@@ -7,8 +7,13 @@ import NIOConcurrencyHelpers
 
 /// Per-account quotas (`quota_mb`; 0 means unlimited), measured from the mailbox store itself.
 ///
-/// RCPT asks `isOverQuota` (answered from a short-lived cache, so a busy mailbox is not measured
-/// for every recipient); delivery asks `wouldExceed` with a fresh measurement.
+/// RCPT asks `isOverQuota` and delivery `wouldExceed`, both answered from a short-lived cache of
+/// each mailbox's usage, which a delivery's own size is added to: measuring a mailbox lists (and,
+/// for maildir, stats) every message in it, so measuring it per message made a run of deliveries
+/// quadratic in the mailbox's size. Delivery measures afresh when the cache is older than
+/// `cacheLifetime` or the message would take the cached usage past 90 % of the quota: other
+/// processes' deliveries since the last measurement cannot push a mailbox over unless they add
+/// 10 % of its quota within one cache lifetime.
 public final class QuotaChecker: Sendable {
     public let mailboxes: any MailboxStore
     private let cacheLifetime: Duration
@@ -38,6 +43,14 @@ public final class QuotaChecker: Sendable {
     /// True when storing `size` more bytes would take the mailbox over its quota (delivery defers).
     public func wouldExceed(_ user: User, adding size: Int) async throws -> Bool {
         guard let limit = Self.limitBytes(user) else { return false }
+        let now = ContinuousClock.now
+        if let cached = cache.withLockedValue({ $0[user.email] }), now - cached.measured < cacheLifetime,
+            (cached.bytes + Int64(size)) * 10 <= limit * 9
+        {
+            // Far from the limit: count this message in, keep the measurement's time.
+            cache.withLockedValue { $0[user.email] = (cached.bytes + Int64(size), cached.measured) }
+            return false
+        }
         let bytes = try await mailboxes.usageBytes(of: user.email)
         let exceeds = bytes + Int64(size) > limit
         // What the mailbox will hold: a deferred message is not stored, so it does not count

@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import NIOPosix
 import Synchronization
 import Testing
@@ -768,5 +769,68 @@ extension AccountTests {
             }
             #expect(seen.count == 200)
         }
+    }
+}
+
+@Suite struct MessageIDTests {
+    @Test func idsAreMsgAnd20Base32CharactersAndDistinct() {
+        let ids = (0..<2000).map { _ in MessageID.make() }
+        #expect(Set(ids).count == ids.count)
+        for id in ids {
+            #expect(id.wholeMatch(of: /msg_[a-z2-7]{20}/) != nil, "\(id)")
+        }
+        // Every position takes every value over many ids (no position stuck: the bit slicing is right).
+        for position in 4..<24 {
+            let values = Set(ids.map { Array($0.utf8)[position] })
+            #expect(values.count == 32, "position \(position): \(values.count) values")
+        }
+    }
+}
+
+/// A mailbox store whose usage is set by the test, counting how often it is measured.
+private final class MeasuredStore: MailboxStore {
+    let usage = Mutex<(bytes: Int64, measured: Int)>((0, 0))
+    func makeDeliveryKey() -> String { MessageID.make() }
+    func deliver(_ content: ByteBuffer, _ delivery: MailboxDelivery) async throws -> Bool { true }
+    func list(mailbox: String, folder: String, offset: Int, limit: Int) async throws -> (messages: [StoredMessage], total: Int) { ([], 0) }
+    func fetch(mailbox: String, folder: String, id: String) async throws -> ByteBuffer? { nil }
+    func delete(mailbox: String, folder: String, id: String) async throws -> Bool { false }
+    func setFlags(_ flags: Set<MessageFlag>, mailbox: String, folder: String, id: String) async throws -> Bool { false }
+    func usageBytes(of mailbox: String) async throws -> Int64 {
+        usage.withLock { usage in
+            usage.measured += 1
+            return usage.bytes
+        }
+    }
+    func deleteMailbox(_ mailbox: String) async throws {}
+}
+
+@Suite struct QuotaCheckerTests {
+    let user = User(
+        id: 1, username: "u", email: "u@example.test", passwordHash: "", quotaMB: 10, isAdmin: false, enabled: true,
+        createdAt: Date(), lastLogin: nil)
+
+    @Test("far from the quota, deliveries are counted into the cached usage instead of measuring the mailbox each time")
+    func cachedFarFromTheLimit() async throws {
+        let store = MeasuredStore()
+        let quota = QuotaChecker(mailboxes: store, cacheLifetime: .seconds(60))
+        for _ in 0..<100 { #expect(try await quota.wouldExceed(user, adding: 10_000) == false) }
+        #expect(store.usage.withLock { $0.measured } == 1)
+        // 100 × 10 kB counted: RCPT sees it without measuring.
+        store.usage.withLock { $0.bytes = 0 }
+        #expect(try await quota.isOverQuota(user) == false)
+        #expect(store.usage.withLock { $0.measured } == 1)
+    }
+
+    @Test("near the quota, every delivery measures afresh, and one that would overflow is refused")
+    func freshNearTheLimit() async throws {
+        let store = MeasuredStore()
+        store.usage.withLock { $0.bytes = 9 * 1_048_576 + 600_000 }  // 9.6 of 10 MB
+        let quota = QuotaChecker(mailboxes: store, cacheLifetime: .seconds(60))
+        #expect(try await quota.wouldExceed(user, adding: 100_000) == false)
+        #expect(try await quota.wouldExceed(user, adding: 100_000) == false)
+        #expect(store.usage.withLock { $0.measured } == 2)
+        #expect(try await quota.wouldExceed(user, adding: 1_000_000) == true)
+        #expect(store.usage.withLock { $0.measured } == 3)
     }
 }
