@@ -119,23 +119,24 @@ def status_kb(pid, key):
     return 0
 
 
-def tree_rss_kb(root):
-    return sum(status_kb(pid, "VmRSS") for pid in tree(root))
+def tree_rss_kb(root, whole_tree=True):
+    return sum(status_kb(pid, "VmRSS") for pid in (tree(root) if whole_tree else [root]))
 
 
 class RSSSampler:
     """Samples the summed VmRSS of a process tree every `interval` seconds; keeps the peak
     (for one process also its VmHWM, which catches what falls between samples)."""
 
-    def __init__(self, root, interval=0.1):
-        self.root, self.interval = root, interval
+    def __init__(self, root, interval=0.1, whole_tree=True):
+        # A single-process server is sampled without walking /proc (cheaper, less noise).
+        self.root, self.interval, self.whole_tree = root, interval, whole_tree
         self.peak_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, tree_rss_kb(self.root))
+            self.peak_kb = max(self.peak_kb, tree_rss_kb(self.root, self.whole_tree))
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -145,7 +146,7 @@ class RSSSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak_kb = max(self.peak_kb, tree_rss_kb(self.root))
+        self.peak_kb = max(self.peak_kb, tree_rss_kb(self.root, self.whole_tree))
 
 
 def wait_smtp(port, timeout, proc=None, what="server"):
@@ -452,11 +453,12 @@ def smtp_source(port, size, reuse, sessions, messages, timeout=900):
     return elapsed
 
 
-def python_load(port, size, reuse, sessions, messages, to=RECIPIENT, auth=None, timeout=900):
-    """Runs bench/smtp_load.py in its own process; returns its JSON summary."""
-    command = [sys.executable, os.path.join(HERE, "smtp_load.py"), "--port", str(port),
-               "--sessions", str(sessions), "--messages", str(messages), "--size", str(size),
-               "--from", SENDER, "--to", to]
+def python_load(port, size, reuse, sessions, messages, to=RECIPIENT, auth=None, timeout=900, generator=None):
+    """Runs a latency generator in its own process — `generator` (the path of mailtier-load)
+    or else bench/smtp_load.py, which take the same arguments; returns its JSON summary."""
+    program = [generator] if generator else [sys.executable, os.path.join(HERE, "smtp_load.py")]
+    command = program + ["--port", str(port), "--sessions", str(sessions), "--messages", str(messages),
+                         "--size", str(size), "--from", SENDER, "--to", to]
     if reuse:
         command.append("--reuse")
     if auth:
@@ -469,9 +471,9 @@ def python_load(port, size, reuse, sessions, messages, to=RECIPIENT, auth=None, 
         try:
             result = json.loads(text)
         except ValueError:
-            raise BenchError(f"smtp_load.py exited {status}: {text[-500:]} {err.read()[-1500:].decode(errors='replace')}")
+            raise BenchError(f"{os.path.basename(command[1 if not generator else 0])} exited {status}: {text[-500:]} {err.read()[-1500:].decode(errors='replace')}")
     if result["errors"]:
-        raise BenchError(f"smtp_load.py: {result['errors']} errors, first: {result['first_error']}")
+        raise BenchError(f"{result.get('generator', 'smtp_load.py')}: {result['errors']} errors, first: {result['first_error']}")
     return result
 
 
@@ -503,7 +505,7 @@ def ingress_scenario(target_name, make_server, size, reuse, p, workdir):
         root = server.root_pid
         time.sleep(0.3)
         cpu_before = tree_cpu(root)
-        with RSSSampler(root) as sampler:
+        with RSSSampler(root, whole_tree=target_name == "postfix") as sampler:
             elapsed = smtp_source(server.port, size, reuse, p.sessions, p.messages)
         cpu_used = tree_cpu(root) - cpu_before
         if target_name == "ours":
@@ -520,9 +522,10 @@ def ingress_scenario(target_name, make_server, size, reuse, p, workdir):
         result["drain_s"] = round(time.monotonic() - drain_start, 2) if drained else None
         if not drained:
             log(f"{name}: queue not drained after {p.drain_timeout} s; the latency pass runs with a backlog")
-        latency = python_load(server.port, size, reuse, p.sessions, p.latency_messages)
+        latency = python_load(server.port, size, reuse, p.sessions, p.latency_messages, generator=p.generator)
         result["latency_ms"] = latency["latency_ms"]
         result["latency_pass"] = {k: latency[k] for k in ("messages", "elapsed_s", "msgs_per_s")}
+        result["latency_pass"]["generator"] = latency.get("generator", "smtp_load.py")
         result["ok"] = True
     log(f"{name}: {result['msgs_per_s']} msg/s, p99 {result['latency_ms']['p99']} ms")
     return result
@@ -555,14 +558,15 @@ def delivery_scenario(binary, p, workdir):
         first = last = None
         cpu_before = None
         deadline = started + p.drain_timeout
-        with RSSSampler(worker.root_pid) as sampler:
+        left_at_first = count
+        with RSSSampler(worker.root_pid, whole_tree=False) as sampler:
             while time.monotonic() < deadline:
                 if cpu_before is None:
                     cpu_before = tree_cpu(worker.root_pid)
                 left = worker.queued()
                 now = time.monotonic()
                 if left is not None and left < count and first is None:
-                    first = now
+                    first, left_at_first = now, left
                 if left == 0:
                     last = now
                     break
@@ -572,13 +576,17 @@ def delivery_scenario(binary, p, workdir):
         cpu_used = tree_cpu(worker.root_pid) - cpu_before
         if last is None:
             raise BenchError(f"{worker.queued()} of {count} not delivered after {p.drain_timeout} s")
-        span = max(last - first, 0.001)
+        if left_at_first > 0 and last > first:
+            # At `first` the first deliveries were seen and `left_at_first` were still queued:
+            # those took until `last`.
+            span, delivered = last - first, left_at_first
+        else:  # all of them between two polls: count from the start of the process
+            span, delivered = last - started, count
         result.update({
             "elapsed_s": round(span, 3),
             "from_start_s": round(last - started, 3),
-            # The first delivery was seen at `first`: it and the rest took `span`.
-            "msgs_per_s": round(count / span, 1),
-            "mb_per_s": round(count * 1024 / span / 1e6, 2),
+            "msgs_per_s": round(delivered / span, 1),
+            "mb_per_s": round(delivered * 1024 / span / 1e6, 2),
             "peak_rss_mb": round(max(sampler.peak_kb, status_kb(worker.root_pid, "VmHWM")) / 1024, 1),
             "cpu_s_per_1000": round(cpu_used / count * 1000, 3),
             "ok": True,
@@ -795,6 +803,7 @@ def main():
     parser.add_argument("--sizes", default="1024,102400")
     parser.add_argument("--targets", default="ours,postfix,sink")
     parser.add_argument("--only", help="run only scenarios whose name contains this")
+    parser.add_argument("--python-load", action="store_true", help="latency from bench/smtp_load.py even when mailtier-load is built")
     parser.add_argument("--drain-timeout", type=float, default=300)
     p = parser.parse_args()
     smoke = p.smoke or os.environ.get("BENCH_SMOKE") == "1"
@@ -807,6 +816,11 @@ def main():
         p.drain_timeout = min(p.drain_timeout, 60)
 
     binary = os.path.join(p.bin, "smtp-server")
+    # The latency generator: mailtier-load (SwiftNIO) when it was built next to the server,
+    # else the Python first version.
+    p.generator = os.path.join(p.bin, "mailtier-load")
+    if p.python_load or not os.access(p.generator, os.X_OK):
+        p.generator = None
     missing = [tool for tool in ("smtp-source", "smtp-sink", "postfix", "postconf", "script") if not shutil.which(tool)]
     if not os.access(binary, os.X_OK):
         missing.append(binary)
@@ -828,7 +842,8 @@ def main():
               "parameters": {"messages": p.messages, "sessions": p.sessions, "latency_messages": p.latency_messages,
                              "delivery_messages": p.delivery_messages, "idle_sessions": p.idle,
                              "sizes": [int(s) for s in p.sizes.split(",")],
-                             "load": "smtp-source (throughput), bench/smtp_load.py (latency)"},
+                             "load": "smtp-source (throughput), "
+                                     f"{'mailtier-load' if p.generator else 'bench/smtp_load.py'} (latency)"},
               "scenarios": []}
 
     makers = {
