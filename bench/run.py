@@ -119,8 +119,24 @@ def status_kb(pid, key):
     return 0
 
 
+def pss_kb(pid):
+    """Proportional set size: shared pages divided among the processes sharing them."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def tree_rss_kb(root, whole_tree=True):
-    return sum(status_kb(pid, "VmRSS") for pid in (tree(root) if whole_tree else [root]))
+    """One process: its VmRSS. A tree (Postfix: master and its daemons): the sum of their PSS,
+    so that the libraries and the text they all share count once, not once per process."""
+    if not whole_tree:
+        return status_kb(root, "VmRSS")
+    return sum(pss_kb(pid) for pid in tree(root))
 
 
 class RSSSampler:
@@ -484,13 +500,17 @@ def workspace(workdir, prefix):
     """A scenario's temp directory and the servers it starts (appended by the scenario);
     the servers are stopped, last started first, and the directory removed after it."""
     directory = tempfile.mkdtemp(prefix=prefix, dir=workdir)
+    os.chmod(directory, 0o755)  # Postfix's daemons run as the postfix user
     servers = []
     try:
         yield directory, servers
     finally:
         for server in reversed(servers):
             server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP") == "1":  # for debugging: logs and state stay
+            log(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def ingress_scenario(target_name, make_server, size, reuse, p, workdir):
@@ -837,6 +857,7 @@ def main():
             p.idle = max(10, hard - 1000)
 
     workdir = tempfile.mkdtemp(prefix="mailtier-bench-")
+    os.chmod(workdir, 0o755)  # Postfix's daemons run as the postfix user
     timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
     report = {"timestamp": timestamp, "smoke": smoke, "machine": machine(), "server": binary,
               "parameters": {"messages": p.messages, "sessions": p.sessions, "latency_messages": p.latency_messages,
@@ -874,7 +895,8 @@ def main():
                 report["scenarios"].append({"name": name, "kind": kind, "target": target, "ok": False,
                                             "error": str(error)[-3000:]})
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP") != "1":
+            shutil.rmtree(workdir, ignore_errors=True)
 
     add_ratios(report["scenarios"])
     os.makedirs(p.out, exist_ok=True)

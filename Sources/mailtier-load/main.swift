@@ -303,6 +303,7 @@ do {
     let options = try Options(Array(CommandLine.arguments.dropFirst()))
     exit(await runLoad(options))
 } catch {
-    fputs("mailtier-load: \(error)\n", stderr)
+    var text = "mailtier-load: \(error)\n"
+    text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
     exit(2)
 }
