@@ -759,6 +759,47 @@ def markdown_table(report):
     return "\n".join(lines)
 
 
+README_START = "<!-- bench:results (written by bench/run.py after a complete run) -->"
+README_END = "<!-- /bench:results -->"
+
+
+def results_section(report):
+    m = report["machine"]
+    idle = next((s for s in report["scenarios"] if s["kind"] == "idle" and s.get("ok")), None)
+    delivery = next((s for s in report["scenarios"] if s["kind"] == "delivery" and s.get("ok")), None)
+    lines = [
+        README_START,
+        f"Latest run: {report['timestamp']}, commit `{m['commit']}`, on {m['cpus']} × {m['cpu_model']}, "
+        f"{m['memory_gb']} GB, Linux {m['kernel']}, Postfix {m['postfix']} (load average at the start: "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average'])}). "
+        f"{report['parameters']['sessions']} sessions, {report['parameters']['messages']} messages per scenario.",
+        "",
+        markdown_table(report),
+        "",
+    ]
+    if delivery:
+        lines.append(f"Delivery: {delivery['messages']} queued messages to smtp-sink in {delivery['from_start_s']} s "
+                     f"from the start of the delivery process ({delivery['msgs_per_s']} msg/s from the first to the last delivered).")
+    if idle:
+        lines.append(f"Idle sessions: {idle['connections']} open sessions grew the server's RSS from "
+                     f"{idle['rss_before_mb']} MB to {idle['rss_with_idle_mb']} MB: **{idle['rss_per_connection_kb']} KB per "
+                     f"connection** ({idle['rss_after_close_mb']} MB after they closed).")
+    lines += ["", "![latest results](bench/results/latest.png)", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(report, path):
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < 0:
+        log(f"no results markers in {path}: not updated")
+        return
+    with open(path, "w") as f:
+        f.write(text[:start] + results_section(report) + text[end + len(README_END):])
+    log(f"updated the results in {path}")
+
+
 def chart(report, path):
     try:
         import matplotlib
@@ -835,6 +876,7 @@ def main():
     if smoke:
         p.drain_timeout = min(p.drain_timeout, 60)
 
+    p.bin = os.path.abspath(p.bin)
     binary = os.path.join(p.bin, "smtp-server")
     # The latency generator: mailtier-load (SwiftNIO) when it was built next to the server,
     # else the Python first version.
@@ -908,7 +950,12 @@ def main():
     if not smoke:
         chart(report, os.path.join(p.out, "latest.png"))
         with open(os.path.join(p.out, "latest.md"), "w") as f:
-            f.write(markdown_table(report) + "\n")
+            f.write(results_section(report) + "\n")
+        # The README shows the latest complete run with the default loads, nothing partial.
+        complete = not p.only and p.targets == "ours,postfix,sink" and p.sizes == "1024,102400" \
+            and (p.messages, p.sessions) == (5000, 50)
+        if complete and not failed and os.path.abspath(p.out) == os.path.join(ROOT, "bench", "results"):
+            update_readme(report, os.path.join(ROOT, "README.md"))
     print(table(report))
     print(f"results: {os.path.join(p.out, prefix + timestamp + '.json')}")
     return 1 if failed else 0

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import sys
 import time
 
@@ -196,7 +197,8 @@ async def run(args):
 def percentile(sorted_values, p):
     if not sorted_values:
         return None
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    # Nearest rank: the smallest value with at least p % of the values at or below it.
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 

@@ -249,7 +249,8 @@ func runSession(_ shared: Shared, group: any EventLoopGroup) async -> Tally {
 
 func percentile(_ sorted: [Double], _ p: Double) -> Double? {
     guard !sorted.isEmpty else { return nil }
-    let k = Int((p / 100 * Double(sorted.count) + 0.5).rounded()) - 1
+    // Nearest rank: the smallest value with at least p % of the values at or below it.
+    let k = Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1
     return sorted[max(0, min(sorted.count - 1, k))]
 }
 

@@ -50,7 +50,7 @@ struct BenchSmokeTests {
         await ServerSlots.shared.acquire()
         let result = try await runProcess(
             "/bin/bash", [BenchSmoke.repository.appendingPathComponent("scripts/bench.sh").path, "--smoke", "--out", out.path],
-            environment: environment, timeout: .minutes(7))
+            environment: environment, timeout: .seconds(420))
         await ServerSlots.shared.release()
         #expect(result.status == 0 && !result.timedOut, "bench.sh --smoke failed:\n\(result.output.suffix(6000))")
 
