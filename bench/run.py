@@ -467,7 +467,7 @@ class Sink:
 
 # MARK: - load
 
-def smtp_source(port, size, reuse, sessions, messages, timeout=900):
+def smtp_source(port, size, reuse, sessions, messages, timeout=600):
     """Runs smtp-source; returns the wall time in seconds."""
     command = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
                "-f", SENDER, "-t", RECIPIENT, "-M", "load.invalid"]
@@ -485,7 +485,7 @@ def smtp_source(port, size, reuse, sessions, messages, timeout=900):
     return elapsed
 
 
-def python_load(port, size, reuse, sessions, messages, to=RECIPIENT, auth=None, timeout=900, generator=None):
+def python_load(port, size, reuse, sessions, messages, to=RECIPIENT, auth=None, timeout=600, generator=None):
     """Runs a latency generator in its own process — `generator` (the path of mailtier-load)
     or else bench/smtp_load.py, which take the same arguments; returns its JSON summary."""
     program = [generator] if generator else [sys.executable, os.path.join(HERE, "smtp_load.py")]
