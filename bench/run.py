@@ -83,9 +83,9 @@ def children_map():
 
 
 def tree(root):
-    """root and all its live descendants."""
+    """root (a pid or a list of pids) and all their live descendants."""
     children = children_map()
-    pids, todo = [], [root]
+    pids, todo = [], list(root) if isinstance(root, list) else [root]
     while todo:
         pid = todo.pop()
         pids.append(pid)
@@ -465,6 +465,103 @@ class Sink:
             stop_process(self.proc, grace=5)
 
 
+def free_port_range(count):
+    """The first of `count` consecutive free ports (for SeaweedFS, which opens about ten)."""
+    import random
+    for _ in range(200):
+        base = random.randrange(30000, 45000)
+        try:
+            sockets = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise BenchError(f"no {count} consecutive free ports")
+
+
+class Cluster(Queueing):
+    """Cluster mode as `scripts/cluster.sh` starts it (PostgreSQL, Redis, SeaweedFS S3, haproxy
+    with PROXY v2 in front of two ingress nodes, a delivery node, an admin node), with its state
+    in a temp dir and its service ports free ones. The nodes' own ports are cluster.sh's fixed
+    ones (2601-2604, 8101-8104, 8201-8204): nothing else may use them meanwhile."""
+
+    name = "cluster"
+
+    def __init__(self, binary_dir, directory):
+        build = os.path.relpath(binary_dir, os.path.join(ROOT, ".build"))
+        if build.startswith(".."):
+            raise BenchError(f"cluster mode runs the server from .build/, not {binary_dir}")
+        self.directory = directory
+        self.state = os.path.join(directory, "cluster")
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_")}
+        self.env.update({
+            "CLUSTER_DIR": self.state, "CLUSTER_BUILD": build, "CLUSTER_SMTP_PORT": str(self.port),
+            "CLUSTER_PG_PORT": str(free_port()), "CLUSTER_REDIS_PORT": str(free_port()),
+            "CLUSTER_S3_PORT": str(free_port()), "CLUSTER_S3_BASE_PORT": str(free_port_range(12)),
+            "SMTP_LOCAL_DOMAINS": LOCAL_DOMAIN, "SMTP_ENABLE_AUTH": "false",
+            "SMTP_ADMIN_USERNAME": "bench", "SMTP_ADMIN_EMAIL": RECIPIENT, "SMTP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "SMTP_RATE_CONNECTIONS_PER_MINUTE": "0", "SMTP_RATE_COMMANDS_PER_MINUTE": "0",
+            "SMTP_RATE_AUTH_FAILURES_PER_HOUR": "0", "SMTP_RATE_MESSAGES_PER_HOUR": "0",
+            "SMTP_MAX_CONNECTIONS": "1000", "SMTP_SHUTDOWN_GRACE_SECONDS": "3",
+        })
+        self.started = False
+
+    def cluster_sh(self, command, timeout=300):
+        log_path = os.path.join(self.directory, "cluster-sh.log")
+        with open(log_path, "ab") as out:
+            status = subprocess.call([os.path.join(ROOT, "scripts", "cluster.sh"), command], env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        if status != 0:
+            raise BenchError(f"cluster.sh {command} failed ({status}):\n{tail(log_path)}")
+
+    def start(self):
+        self.started = True
+        self.cluster_sh("start")
+        wait_smtp(self.port, 60, what="haproxy")
+        return self.root_pid
+
+    def roots(self):
+        """haproxy, the nodes, PostgreSQL's postmaster, Redis, SeaweedFS."""
+        files = [os.path.join(self.state, "run", name) for name in os.listdir(os.path.join(self.state, "run"))]
+        services = os.path.join(self.state, "services")
+        files += [os.path.join(services, "postgres", "data", "postmaster.pid"),
+                  os.path.join(services, "redis", "redis.pid"), os.path.join(services, "seaweedfs", "weed.pid")]
+        pids = []
+        for path in files:
+            try:
+                with open(path) as f:
+                    pids.append(int(f.readline().strip()))
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    @property
+    def root_pid(self):
+        return self.roots()
+
+    def queued(self):
+        with open(os.path.join(self.state, "env")) as f:
+            url = next(line.split("=", 1)[1].strip() for line in f if line.startswith("export SMTP_DATABASE_URL="))
+        result = subprocess.run(["psql", url, "-tAc", "SELECT COUNT(*) FROM queue_recipients WHERE status <> 'delivered'"],
+                                capture_output=True, text=True, timeout=30)
+        return int(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip().isdigit() else None
+
+    def stop(self):
+        if self.started:
+            self.started = False
+            try:
+                self.cluster_sh("stop", timeout=120)
+            except (BenchError, subprocess.SubprocessError) as error:
+                log(f"cluster: {error}")
+
+
 # MARK: - load
 
 def smtp_source(port, size, reuse, sessions, messages, timeout=600):
@@ -541,7 +638,7 @@ def ingress_scenario(target_name, make_server, size, reuse, p, workdir):
         root = server.root_pid
         time.sleep(0.3)
         cpu_before = tree_cpu(root)
-        with RSSSampler(root, whole_tree=target_name == "postfix") as sampler:
+        with RSSSampler(root, whole_tree=target_name in ("postfix", "cluster")) as sampler:
             elapsed = smtp_source(server.port, size, reuse, p.sessions, p.messages)
         cpu_used = tree_cpu(root) - cpu_before
         result.update({
@@ -680,10 +777,10 @@ def size_label(size):
 def add_ratios(scenarios):
     by_name = {s["name"]: s for s in scenarios}
     for s in scenarios:
-        if s["kind"] != "ingress" or s["target"] != "ours" or not s.get("ok"):
+        if s["kind"] != "ingress" or s["target"] not in ("ours", "cluster") or not s.get("ok"):
             continue
         for peer in ("postfix", "sink"):
-            other = by_name.get(s["name"].replace("/ours/", f"/{peer}/"))
+            other = by_name.get(s["name"].replace(f"/{s['target']}/", f"/{peer}/"))
             if other and other.get("ok") and other.get("msgs_per_s"):
                 s[f"ratio_vs_{peer}"] = round(s["msgs_per_s"] / other["msgs_per_s"], 2)
 
@@ -828,10 +925,11 @@ def chart(report, path):
         case = f"{size_label(s['size'])} {s['connections']}"
         if case not in cases:
             cases.append(case)
-    targets = [("ours", "MailTier (embedded)", "tab:blue"), ("postfix", "Postfix smtpd→queue→discard", "tab:orange"),
-               ("sink", "smtp-sink (ceiling)", "tab:green")]
+    targets = [("ours", "MailTier (embedded)", "tab:blue"), ("cluster", "MailTier cluster (haproxy, 2 ingress)", "tab:purple"),
+               ("postfix", "Postfix smtpd→queue→discard", "tab:orange"), ("sink", "smtp-sink (ceiling)", "tab:green")]
+    targets = [t for t in targets if any(s["target"] == t[0] for s in ingress)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    width = 0.27
+    width = 0.8 / len(targets)
     for i, (target, label, color) in enumerate(targets):
         rate, p50, p99 = [], [], []
         for case in cases:
@@ -839,7 +937,7 @@ def chart(report, path):
             rate.append(match[0]["msgs_per_s"] if match else 0)
             p50.append(match[0]["latency_ms"]["p50"] if match else 0)
             p99.append(match[0]["latency_ms"]["p99"] if match else 0)
-        xs = [x + (i - 1) * width for x in range(len(cases))]
+        xs = [x + (i - (len(targets) - 1) / 2) * width for x in range(len(cases))]
         bars = ax1.bar(xs, rate, width, label=label, color=color)
         ax1.bar_label(bars, fmt="%.0f", fontsize=7)
         ax2.bar(xs, p99, width, color=color, alpha=0.35, label=f"{label}: p99")
@@ -932,6 +1030,7 @@ def main():
         "ours": lambda d: Ours(binary, d, max_connections=max(1000, p.sessions * 4)),
         "postfix": Postfix,
         "sink": Sink,
+        "cluster": lambda d: Cluster(p.bin, d),
     }
     plan = []
     for size in report["parameters"]["sizes"]:
