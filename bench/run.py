@@ -979,7 +979,8 @@ def main():
     parser.add_argument("--delivery-messages", type=int)
     parser.add_argument("--idle", type=int, help="idle sessions to open")
     parser.add_argument("--sizes", default="1024,102400")
-    parser.add_argument("--targets", default="ours,postfix,sink")
+    parser.add_argument("--targets", help="default ours,cluster,postfix,sink (smoke: no cluster)")
+    parser.add_argument("--cluster-sizes", default="1024", help="sizes the cluster runs (its start alone takes ~20 s)")
     parser.add_argument("--only", help="run only scenarios whose name contains this")
     parser.add_argument("--python-load", action="store_true", help="latency from bench/smtp_load.py even when mailtier-load is built")
     parser.add_argument("--drain-timeout", type=float, default=300)
@@ -990,6 +991,8 @@ def main():
     for key, value in defaults.items():
         if getattr(p, key) is None:
             setattr(p, key, value)
+    default_targets = "ours,postfix,sink" if smoke else "ours,cluster,postfix,sink"
+    p.targets = p.targets or default_targets
     if smoke:
         p.drain_timeout = min(p.drain_timeout, 60)
 
@@ -1021,7 +1024,7 @@ def main():
     report = {"timestamp": timestamp, "smoke": smoke, "machine": machine(), "server": binary,
               "parameters": {"messages": p.messages, "sessions": p.sessions, "latency_messages": p.latency_messages,
                              "delivery_messages": p.delivery_messages, "idle_sessions": p.idle,
-                             "sizes": [int(s) for s in p.sizes.split(",")],
+                             "sizes": [int(s) for s in p.sizes.split(",")], "targets": p.targets.split(","),
                              "load": "smtp-source (throughput), "
                                      f"{'mailtier-load' if p.generator else 'bench/smtp_load.py'} (latency)"},
               "scenarios": []}
@@ -1036,6 +1039,8 @@ def main():
     for size in report["parameters"]["sizes"]:
         for reuse in (False, True):
             for target in p.targets.split(","):
+                if target == "cluster" and str(size) not in p.cluster_sizes.split(","):
+                    continue
                 name = f"ingress/{target}/{size_label(size)}/{'reuse' if reuse else 'new'}"
                 plan.append((name, lambda t=target, s=size, r=reuse: ingress_scenario(t, makers[t], s, r, p, workdir)))
     plan.append(("delivery/ours/1k", lambda: delivery_scenario(binary, p, workdir)))
@@ -1070,7 +1075,7 @@ def main():
         with open(os.path.join(p.out, "latest.md"), "w") as f:
             f.write(results_section(report) + "\n")
         # The README shows the latest complete run with the default loads, nothing partial.
-        complete = not p.only and p.targets == "ours,postfix,sink" and p.sizes == "1024,102400" \
+        complete = not p.only and p.targets == default_targets and p.sizes == "1024,102400" \
             and (p.messages, p.sessions) == (5000, 50)
         if complete and not failed and os.path.abspath(p.out) == os.path.join(ROOT, "bench", "results"):
             update_readme(report, os.path.join(ROOT, "README.md"))
