@@ -983,7 +983,8 @@ def main():
     parser.add_argument("--cluster-sizes", default="1024", help="sizes the cluster runs (its start alone takes ~20 s)")
     parser.add_argument("--only", help="run only scenarios whose name contains this")
     parser.add_argument("--python-load", action="store_true", help="latency from bench/smtp_load.py even when mailtier-load is built")
-    parser.add_argument("--drain-timeout", type=float, default=300)
+    parser.add_argument("--drain-timeout", type=float, default=120,
+                        help="seconds to wait for a queue to empty between passes (and for the delivery scenario)")
     p = parser.parse_args()
     smoke = p.smoke or os.environ.get("BENCH_SMOKE") == "1"
     defaults = dict(messages=50, sessions=5, latency_messages=50, delivery_messages=50, idle=50) if smoke else \
@@ -1046,7 +1047,18 @@ def main():
     plan.append(("delivery/ours/1k", lambda: delivery_scenario(binary, p, workdir)))
     plan.append(("idle/ours", lambda: idle_scenario(binary, p, workdir)))
 
+    os.makedirs(p.out, exist_ok=True)
+    prefix = "smoke-" if smoke else ""
+
+    def save(names):
+        add_ratios(report["scenarios"])
+        for name in names:
+            with open(os.path.join(p.out, name), "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+
     failed = 0
+    report["complete"] = False
     try:
         for name, run in plan:
             if p.only and p.only not in name:
@@ -1059,17 +1071,13 @@ def main():
                 kind, target = name.split("/")[:2]
                 report["scenarios"].append({"name": name, "kind": kind, "target": target, "ok": False,
                                             "error": str(error)[-3000:]})
+            save([f"{prefix}{timestamp}.json"])  # what is done so far, should the run be stopped
     finally:
         if os.environ.get("BENCH_KEEP") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
 
-    add_ratios(report["scenarios"])
-    os.makedirs(p.out, exist_ok=True)
-    prefix = "smoke-" if smoke else ""
-    for name in (f"{prefix}{timestamp}.json", f"{prefix}latest.json"):
-        with open(os.path.join(p.out, name), "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    report["complete"] = True
+    save([f"{prefix}{timestamp}.json", f"{prefix}latest.json"])
     if not smoke:
         chart(report, os.path.join(p.out, "latest.png"))
         with open(os.path.join(p.out, "latest.md"), "w") as f:
