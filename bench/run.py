@@ -931,13 +931,14 @@ def chart(report, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.8 / len(targets)
     for i, (target, label, color) in enumerate(targets):
-        rate, p50, p99 = [], [], []
-        for case in cases:
+        xs, rate, p50, p99 = [], [], [], []
+        for x, case in enumerate(cases):  # a case the target did not run gets no bar
             match = [s for s in ingress if s["target"] == target and f"{size_label(s['size'])} {s['connections']}" == case]
-            rate.append(match[0]["msgs_per_s"] if match else 0)
-            p50.append(match[0]["latency_ms"]["p50"] if match else 0)
-            p99.append(match[0]["latency_ms"]["p99"] if match else 0)
-        xs = [x + (i - (len(targets) - 1) / 2) * width for x in range(len(cases))]
+            if match:
+                xs.append(x + (i - (len(targets) - 1) / 2) * width)
+                rate.append(match[0]["msgs_per_s"])
+                p50.append(match[0]["latency_ms"]["p50"])
+                p99.append(match[0]["latency_ms"]["p99"])
         bars = ax1.bar(xs, rate, width, label=label, color=color)
         ax1.bar_label(bars, fmt="%.0f", fontsize=7)
         ax2.bar(xs, p99, width, color=color, alpha=0.35, label=f"{label}: p99")

@@ -32,6 +32,7 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 if [ -z "${BENCH_BIN:-}" ]; then
     swift build -c release --product smtp-server
+    swift build -c release --product mailtier-load
 fi
 bin=${BENCH_BIN:-.build/release}
 exec python3 bench/run.py --bin "$bin" "$@"
