@@ -4,7 +4,7 @@ SHELL := /bin/bash
 # Where `make run` keeps its state (embedded mode: SQLite, spool, maildirs, a self-signed certificate).
 DATA ?= $(CURDIR)/data
 
-.PHONY: run test deps build release clean services-start services-stop cluster cluster-stop cluster-status
+.PHONY: run test deps build release clean services-start services-stop cluster cluster-stop cluster-status bench bench-smoke
 
 deps:
 	@scripts/install-deps.sh
@@ -54,6 +54,15 @@ cluster-stop:
 	scripts/cluster.sh stop
 cluster-status:
 	scripts/cluster.sh status
+
+## Benchmarks (README "Performance"): builds release, then ours (embedded mode), a private Postfix
+## and smtp-sink under the same loads on 127.0.0.1; JSON, a chart and a table in bench/results/.
+bench:
+	scripts/bench.sh
+
+## The same scenarios with tiny counts against the debug build (seconds; no thresholds).
+bench-smoke: build
+	scripts/bench.sh --smoke
 
 clean:
 	-scripts/cluster.sh stop

@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "smtp-server", targets: ["smtp-server"]),
         .executable(name: "user-cli", targets: ["user-cli"]),
+        .executable(name: "mailtier-load", targets: ["mailtier-load"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -142,6 +143,12 @@ let package = Package(
         .executableTarget(name: "user-cli", dependencies: [
             "MailTier", "MailTierBootstrap", "MailTierSQLite", "MailTierFiles", "MailTierArgon2", "MailTierPostgres",
             .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The benchmarks' load generator (bench/run.py): SMTP transactions timed one by one.
+        // NIO only, no project module, so it measures any server the same way.
+        .executableTarget(name: "mailtier-load", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
         ]),
 
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),

@@ -2,7 +2,7 @@
 # Installs what building and testing MailTier needs, when it is missing (Debian, as root).
 set -euo pipefail
 
-apt_packages=(libargon2-dev libsqlite3-dev libhiredis-dev libc-ares-dev dnsmasq-base swaks openssl curl postgresql-15 postgresql-client-15 redis-server haproxy prometheus)
+apt_packages=(libargon2-dev libsqlite3-dev libhiredis-dev libc-ares-dev dnsmasq-base swaks openssl curl postgresql-15 postgresql-client-15 redis-server haproxy prometheus postfix)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -12,6 +12,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
+    # Postfix (smtp-source, smtp-sink and a private instance for the benchmarks) asks how to
+    # configure the system's mail; "No configuration" leaves it unconfigured and stopped.
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
