@@ -73,13 +73,11 @@ struct UserJSON: Encodable {
         createdAt = MailDate.iso8601(user.createdAt)
         lastLogin = user.lastLogin.map(MailDate.iso8601)
         quotaMB = user.quotaMB
-        usedMB = Self.megabytes(usedBytes)
+        usedMB = JSON.megabytes(usedBytes)
         enabled = user.enabled
         self.statistics = statistics
     }
 
-    /// Bytes as MB (2^20) with one decimal.
-    static func megabytes(_ bytes: Int64) -> Double { Double((max(0, bytes) * 10 + 524_288) / 1_048_576) / 10 }
 
     func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
@@ -219,7 +217,7 @@ struct UserRoutes: Sendable {
         let used = try await usage(user)
         let stored = (try? await services.mailboxes.list(mailbox: user.email, folder: "INBOX", offset: 0, limit: 0).total) ?? 0
         let statistics = UserJSON.Statistics(
-            messagesReceived: stored, messagesSent: 0, storageUsedMB: UserJSON.megabytes(used))
+            messagesReceived: stored, messagesSent: 0, storageUsedMB: JSON.megabytes(used))
         return ResponseJSON.response(UserJSON(user, usedBytes: used, statistics: statistics))
     }
 

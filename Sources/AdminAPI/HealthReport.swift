@@ -102,7 +102,13 @@ enum JSON {
 
     /// Bytes as megabytes (2^20) with one decimal: `45.2`.
     static func megabytes(_ bytes: UInt64) -> String {
-        let tenths = (bytes * 10 + 524_288) / 1_048_576
+        let tenths = megabyteTenths(bytes)
         return "\(tenths / 10).\(tenths % 10)"
     }
+
+    /// Bytes as megabytes (2^20) rounded to one decimal, for Codable bodies (`used_mb`).
+    static func megabytes(_ bytes: Int64) -> Double { Double(megabyteTenths(UInt64(max(0, bytes)))) / 10 }
+
+    /// Tenths of a megabyte (2^20), rounded half up.
+    private static func megabyteTenths(_ bytes: UInt64) -> UInt64 { (bytes * 10 + 524_288) / 1_048_576 }
 }

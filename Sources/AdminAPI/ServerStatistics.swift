@@ -59,7 +59,7 @@ public struct ServerStatistics: Encodable, Sendable, Equatable {
 
         public init(messagesStored: Int, totalSizeBytes: Int64) {
             self.messagesStored = messagesStored
-            self.totalSizeMB = Double((max(0, totalSizeBytes) * 10 + 524_288) / 1_048_576) / 10
+            self.totalSizeMB = JSON.megabytes(totalSizeBytes)
         }
 
         enum CodingKeys: String, CodingKey {
