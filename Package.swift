@@ -57,6 +57,7 @@ let package = Package(
         // 4. Adapters.
         .target(name: "MailTierSQLite", dependencies: [
             "MailTier", "CSQLite",
+            .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .target(name: "MailTierFiles", dependencies: [

@@ -94,6 +94,9 @@ public struct Configuration: Sendable, Equatable {
     /// Lowercased, without duplicates.
     public var localDomains: [String] = []
     public var spoolPath: String = "spool"
+    /// Embedded mode: accepted messages up to this many KiB are spooled in the SQLite database
+    /// instead of a file each (`SMTP_SPOOL_SMALL_MESSAGE_KB`, 0 = every message in a file).
+    public var spoolSmallMessageKB: Int = 64
     public var adminUsername: String = "admin"
     public var adminPassword: String? = nil
     /// Defaults to `<adminUsername>@<hostname>`.
@@ -238,6 +241,9 @@ extension Configuration {
             name: "SMTP_LOCAL_DOMAINS", defaultValue: "-",
             summary: "Comma-separated domains delivered locally (others need AUTH to relay)"),
         Variable(name: "SMTP_SPOOL_PATH", defaultValue: "spool", summary: "Spool directory for accepted messages"),
+        Variable(
+            name: "SMTP_SPOOL_SMALL_MESSAGE_KB", defaultValue: "64",
+            summary: "Embedded mode: messages up to this size are spooled in SQLite, not a file each (0-1024; 0 = off)"),
         Variable(name: "SMTP_ADMIN_USERNAME", defaultValue: "admin", summary: "Username of the first administrator"),
         Variable(name: "SMTP_ADMIN_PASSWORD", defaultValue: "-", summary: "Password of the first administrator"),
         Variable(
@@ -404,6 +410,7 @@ extension Configuration {
 
         config.localDomains = try env.domainList("SMTP_LOCAL_DOMAINS") ?? config.localDomains
         config.spoolPath = try env.path("SMTP_SPOOL_PATH") ?? config.spoolPath
+        config.spoolSmallMessageKB = try env.int("SMTP_SPOOL_SMALL_MESSAGE_KB", in: 0...1024) ?? config.spoolSmallMessageKB
         config.adminUsername = try env.username("SMTP_ADMIN_USERNAME") ?? config.adminUsername
         config.adminPassword = try env.password("SMTP_ADMIN_PASSWORD")
         if let email = try env.email("SMTP_ADMIN_EMAIL") {

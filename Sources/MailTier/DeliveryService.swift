@@ -440,7 +440,7 @@ public final class DeliveryService: Service, Sendable {
                 message,
                 MailboxDelivery(
                     mailbox: job.recipient, messageID: job.messageID, deliveryKey: job.deliveryKey, sender: job.mailFrom,
-                    receivedAt: job.receivedAt))
+                    receivedAt: job.receivedAt, mayBeStoredAlready: !job.deliveryKeyIsNew))
             logger.info(
                 "delivered", metadata: ["queue_id": "\(job.messageID)", "to": "<\(job.recipient)>", "duplicate_suppressed": "\(!stored)"])
             return nil

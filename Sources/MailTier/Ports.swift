@@ -114,14 +114,21 @@ public struct MailboxDelivery: Sendable, Equatable {
     public var sender: String
     /// When the message was accepted (date directories, mbox `From ` lines).
     public var receivedAt: Date
+    /// False only when no earlier attempt can have stored this delivery (its key was made for
+    /// this attempt): a store may then skip looking for an earlier copy. True when unknown.
+    public var mayBeStoredAlready: Bool
 
-    public init(mailbox: String, folder: String = "INBOX", messageID: String, deliveryKey: String, sender: String, receivedAt: Date) {
+    public init(
+        mailbox: String, folder: String = "INBOX", messageID: String, deliveryKey: String, sender: String, receivedAt: Date,
+        mayBeStoredAlready: Bool = true
+    ) {
         self.mailbox = mailbox
         self.folder = folder
         self.messageID = messageID
         self.deliveryKey = deliveryKey
         self.sender = sender
         self.receivedAt = receivedAt
+        self.mayBeStoredAlready = mayBeStoredAlready
     }
 }
 

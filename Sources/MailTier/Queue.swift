@@ -74,6 +74,9 @@ public struct DeliveryJob: Sendable, Equatable {
     public var leaseToken: String
     /// Stable across retries of this job: makes local delivery idempotent.
     public var deliveryKey: String
+    /// The claim that handed out this job made `deliveryKey` (the job had none): no earlier
+    /// attempt can have stored anything under it, so a mailbox need not look for a copy.
+    public var deliveryKeyIsNew: Bool
     /// When the message was accepted.
     public var receivedAt: Date
     /// The recipient's domain, lower case (the destination of a remote delivery).
@@ -92,7 +95,7 @@ public struct DeliveryJob: Sendable, Equatable {
         id: Int64, messageID: String, blobKey: String, mailFrom: String, recipient: String, isLocal: Bool, attempts: Int,
         maxAttempts: Int, leaseToken: String, deliveryKey: String, receivedAt: Date, domain: String? = nil,
         sizeBytes: Int = 0, smtputf8: Bool = false, bodyType: String? = nil, deliverBy: Date? = nil,
-        deliverByMode: String? = nil
+        deliverByMode: String? = nil, deliveryKeyIsNew: Bool = false
     ) {
         self.id = id
         self.messageID = messageID
@@ -104,6 +107,7 @@ public struct DeliveryJob: Sendable, Equatable {
         self.maxAttempts = maxAttempts
         self.leaseToken = leaseToken
         self.deliveryKey = deliveryKey
+        self.deliveryKeyIsNew = deliveryKeyIsNew
         self.receivedAt = receivedAt
         self.domain = domain ?? recipient.split(separator: "@").last.map { $0.lowercased() } ?? ""
         self.sizeBytes = sizeBytes

@@ -43,6 +43,12 @@ public struct Storage: Sendable {
     public let recording: Set<WebhookEvent>
     private let logger: Logger
 
+    /// The spool directory, when there is one (embedded mode: behind `SQLiteBlobStore` for
+    /// messages over `SMTP_SPOOL_SMALL_MESSAGE_KB`).
+    public var spoolDirectory: SpoolBlobStore? {
+        (spool as? SpoolBlobStore) ?? ((spool as? SQLiteBlobStore)?.overflow as? SpoolBlobStore)
+    }
+
     public var users: any UserStore { database.users(recording: recording) }
     public var queue: any MessageQueue { database.queue(recording: recording) }
     public var events: any EventOutbox { database.events }
@@ -71,10 +77,18 @@ public struct Storage: Sendable {
         if let s3 {
             spool = S3BlobStore(client: s3)
         } else {
+            let files: SpoolBlobStore
             do {
-                spool = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: threadPool)
+                files = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: threadPool)
             } catch {
                 throw Failure(variable: "SMTP_SPOOL_PATH", message: "cannot use \(configuration.spoolPath): \(error)")
+            }
+            // Embedded mode: small messages are spooled in the SQLite database (one WAL append
+            // shared by concurrent sessions instead of a file each).
+            if case .sqlite(let sqlite) = database, configuration.spoolSmallMessageKB > 0 {
+                spool = SQLiteBlobStore(database: sqlite, maximumSize: configuration.spoolSmallMessageKB * 1024, overflow: files)
+            } else {
+                spool = files
             }
         }
 

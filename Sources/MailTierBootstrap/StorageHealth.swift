@@ -47,7 +47,7 @@ extension Storage {
     public func pingSpool() async throws {
         if let s3 {
             _ = try await s3.listObjects(prefix: "", maxKeys: 1)
-        } else if let directory = (spool as? SpoolBlobStore)?.directory {
+        } else if let directory = spoolDirectory?.directory {
             var info = stat()
             guard stat(directory, &info) == 0 else {
                 throw StorageHealthError("spool directory \(directory): \(String(cString: strerror(errno)))")

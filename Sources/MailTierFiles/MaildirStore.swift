@@ -126,36 +126,30 @@ public struct MaildirStore: MailboxStore {
         let key = delivery.deliveryKey
         try Self.checkDeliveryKey(key, root: self.root)
         let root = self.root
+        let mayBeStoredAlready = delivery.mayBeStoredAlready
         return try await self.threadPool.runIfActive {
-            // A root created here is 0700 too: its listing is the list of addresses.
-            try FileStoreIO.makeDirectories(root, mode: 0o700, syncParents: true)
-            if try FileStoreIO.makeDirectory(mailboxDirectory, mode: 0o700) { try FileStoreIO.fsyncDirectory(root) }
-            var created = false
-            if box != mailboxDirectory {
-                if try FileStoreIO.makeDirectory(box, mode: 0o700) { try FileStoreIO.fsyncDirectory(mailboxDirectory) }
-                // Maildir++: marks a subfolder for delivery agents and readers.
-                if try FileStoreIO.lstatIfExists("\(box)/maildirfolder") == nil {
-                    let fd = try FileStoreIO.open("\(box)/maildirfolder", flags: O_WRONLY | O_CREAT | O_NOFOLLOW, mode: 0o600)
-                    try FileStoreIO.close(fd, path: "\(box)/maildirfolder")
-                    created = true
-                }
-            }
-            for sub in ["tmp", "new", "cur"] {
-                if try FileStoreIO.makeDirectory("\(box)/\(sub)", mode: 0o700) { created = true }
-            }
-            if created { try FileStoreIO.fsyncDirectory(box) }
-
             let newPath = "\(box)/new/\(key)"
             // Normally tmp/<key> under an exclusive lock, so a crashed attempt's leftover is
             // reused and a second worker (lost lease) never truncates a file already linked into
             // new/. While another attempt holds that lock (a worker paused past its lease), this
             // one writes a file of its own instead of waiting: link() lets only one copy in.
-            let (fd, tmpPath) = try Self.openTemporaryFile(key, in: "\(box)/tmp")
+            // The directories are made only when tmp/ is missing (the first delivery to a
+            // mailbox or folder), not checked on every delivery; tmp/ is made last.
+            let temporary: (fd: Int32, path: String, isLeftover: Bool)
+            do {
+                temporary = try Self.openTemporaryFile(key, in: "\(box)/tmp")
+            } catch let error as FileStoreError where error.isNotFound {
+                try Self.makeFolder(box, mailboxDirectory: mailboxDirectory, root: root)
+                temporary = try Self.openTemporaryFile(key, in: "\(box)/tmp")
+            }
+            let (fd, tmpPath) = (temporary.fd, temporary.path)
             defer { try? FileStoreIO.close(fd, path: tmpPath) }  // after unlink: releases the lock
 
             // Already delivered: still in new/, or moved to cur/ (by a reader or by setFlags) with
-            // any set of the five standard flags. (No scan of cur/ on the delivery path.)
-            if try Self.locate(key, in: box, scanningCur: false) != nil {
+            // any set of the five standard flags (no scan of cur/ on the delivery path). Not
+            // looked for (34 lstat calls) when no earlier attempt can have stored it: a first
+            // attempt (a fresh key) that found no leftover and no other holder of tmp/<key>.
+            if mayBeStoredAlready || temporary.isLeftover, try Self.locate(key, in: box, scanningCur: false) != nil {
                 try? FileStoreIO.unlinkIfExists(tmpPath)
                 return false
             }
@@ -172,7 +166,7 @@ public struct MaildirStore: MailboxStore {
                 throw error
             }
 
-            if link(tmpPath, newPath) != 0 {
+            if link(tmpPath, newPath) != 0, errno != ENOENT || Self.retryLink(tmpPath, newPath, box, mailboxDirectory, root) != 0 {
                 let code = errno
                 try? FileStoreIO.unlinkIfExists(tmpPath)
                 if code == EEXIST { return false }  // delivered meanwhile by a program not taking the lock
@@ -189,6 +183,42 @@ public struct MaildirStore: MailboxStore {
             try? FileStoreIO.unlinkIfExists(tmpPath)
             return true
         }
+    }
+
+    /// Makes the maildir of a folder: the root (0700: its listing is the list of addresses), the
+    /// mailbox directory, for a Maildir++ subfolder its directory and `maildirfolder` file, then
+    /// `cur/`, `new/` and `tmp/` — tmp/ last, so that its existence means the folder is complete
+    /// (a delivery makes the folder only when tmp/ is missing). Every parent of something made
+    /// is fsync'd.
+    static func makeFolder(_ box: String, mailboxDirectory: String, root: String) throws(FileStoreError) {
+        try FileStoreIO.makeDirectories(root, mode: 0o700, syncParents: true)
+        if try FileStoreIO.makeDirectory(mailboxDirectory, mode: 0o700) { try FileStoreIO.fsyncDirectory(root) }
+        var created = false
+        if box != mailboxDirectory {
+            if try FileStoreIO.makeDirectory(box, mode: 0o700) { try FileStoreIO.fsyncDirectory(mailboxDirectory) }
+            // Maildir++: marks a subfolder for delivery agents and readers.
+            if try FileStoreIO.lstatIfExists("\(box)/maildirfolder") == nil {
+                let fd = try FileStoreIO.open("\(box)/maildirfolder", flags: O_WRONLY | O_CREAT | O_NOFOLLOW, mode: 0o600)
+                try FileStoreIO.close(fd, path: "\(box)/maildirfolder")
+                created = true
+            }
+        }
+        for sub in ["cur", "new", "tmp"] {
+            if try FileStoreIO.makeDirectory("\(box)/\(sub)", mode: 0o700) { created = true }
+        }
+        if created { try FileStoreIO.fsyncDirectory(box) }
+    }
+
+    /// After `link` failed with ENOENT: makes the folder and links again; returns link's result
+    /// (`errno` set when it is not 0).
+    static func retryLink(_ tmpPath: String, _ newPath: String, _ box: String, _ mailboxDirectory: String, _ root: String) -> Int32 {
+        do {
+            try Self.makeFolder(box, mailboxDirectory: mailboxDirectory, root: root)
+        } catch {
+            errno = error.errorNumber == 0 ? EIO : error.errorNumber
+            return -1
+        }
+        return link(tmpPath, newPath)
     }
 
     /// Oldest first: by the time in the unique name (seconds and microseconds), then by name.
@@ -454,18 +484,21 @@ public struct MaildirStore: MailboxStore {
     /// The temporary file of a delivery of `key` into the maildir's `tmp` directory: `tmp/<key>`
     /// with an exclusive lock, or — when another attempt holds that lock — a new file
     /// `tmp/<key>.busy-<random>`. Never waits for a lock: a holder may be a stopped process.
-    static func openTemporaryFile(_ key: String, in tmp: String) throws(FileStoreError) -> (fd: Int32, path: String) {
+    ///
+    /// `isLeftover`: tmp/<key> was there already (an earlier attempt's) or another attempt holds
+    /// it — either way an earlier attempt of this key exists.
+    static func openTemporaryFile(_ key: String, in tmp: String) throws(FileStoreError) -> (fd: Int32, path: String, isLeftover: Bool) {
         let path = "\(tmp)/\(key)"
-        if let fd = try openLockedTemporaryFile(path) { return (fd, path) }
+        if let (fd, size) = try openLockedTemporaryFile(path) { return (fd, path, size > 0) }
         let own = "\(tmp)/\(key).busy-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
-        return (try FileStoreIO.open(own, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600), own)
+        return (try FileStoreIO.open(own, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600), own, true)
     }
 
     /// Opens (creating, mode 0600, never through a symlink) `path` and takes an exclusive
     /// `flock` on it without waiting: nil when another descriptor holds it. A previous holder
     /// unlinks the file before releasing the lock, so after locking, the descriptor must still be
     /// the file `path` names; otherwise try again.
-    static func openLockedTemporaryFile(_ path: String) throws(FileStoreError) -> Int32? {
+    static func openLockedTemporaryFile(_ path: String) throws(FileStoreError) -> (fd: Int32, size: Int)? {
         while true {
             let fd = try FileStoreIO.open(path, flags: O_WRONLY | O_CREAT | O_NOFOLLOW, mode: 0o600)
             while flock(fd, LOCK_EX | LOCK_NB) != 0 {
@@ -488,7 +521,7 @@ public struct MaildirStore: MailboxStore {
                 try? FileStoreIO.close(fd, path: path)
                 throw error
             }
-            if let named, named.st_dev == held.st_dev, named.st_ino == held.st_ino { return fd }
+            if let named, named.st_dev == held.st_dev, named.st_ino == held.st_ino { return (fd, Int(held.st_size)) }
             try? FileStoreIO.close(fd, path: path)
         }
     }

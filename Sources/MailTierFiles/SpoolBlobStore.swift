@@ -276,9 +276,10 @@ extension Duration {
 
 /// The embedded-mode `BlobStore`: one file per blob in a local spool directory.
 ///
-/// Layout: `<directory>/<key>` for each blob, `<directory>/tmp/` for writes in progress.
-/// `put` returns only when the blob is durable: written to `tmp/<key>.<random>`, fsync'd,
-/// renamed into place, and the directory fsync'd. Every blocking call runs on `threadPool`.
+/// Layout: `<directory>/<key>` for each blob, `<directory>/tmp/` for replacements in progress.
+/// `put` returns only when the blob is durable: a new key is written to `<key>` (created
+/// exclusively), fsync'd, and the directory fsync'd; an existing key is replaced whole by a
+/// file written in `tmp/` and renamed into place. Every blocking call runs on `threadPool`.
 public struct SpoolBlobStore: BlobStore {
     public let directory: String
     let threadPool: NIOThreadPool
@@ -330,23 +331,36 @@ public struct SpoolBlobStore: BlobStore {
     public func put(key: String, data: ByteBuffer) async throws {
         let finalPath = try self.checkedPath(for: key, operation: "put")
         let directory = self.directory
-        let tmpPath = "\(self.tmpDirectory)/\(key).\(String(UInt64.random(in: .min ... .max), radix: 16))"
+        let tmpDirectory = self.tmpDirectory
         try await self.threadPool.runIfActive {
-            let fd = try FileStoreIO.open(tmpPath, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
+            // A new key (the normal case: keys are fresh queue ids) is written in place: nobody
+            // reads a blob before the job that names it is committed, which is after this
+            // returns, and a crash leaves an orphan for the garbage collector (see `list()`).
+            // Only an existing key goes through tmp/ and rename(), so that it is replaced whole.
+            // (A cross-directory rename takes the file system's rename lock and both directory
+            // locks: under load most of the ingress's kernel time was spent waiting for them.)
+            var path = finalPath
+            var fd: Int32
+            do {
+                fd = try FileStoreIO.open(finalPath, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600)
+            } catch let error as FileStoreError where error.errorNumber == EEXIST {
+                path = "\(tmpDirectory)/\(key).\(String(UInt64.random(in: .min ... .max), radix: 16))"
+                fd = try FileStoreIO.open(path, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
+            }
             var open = true
             do {
-                try FileStoreIO.writeAll(fd, data, path: tmpPath)
-                try FileStoreIO.fsync(fd, path: tmpPath)
+                try FileStoreIO.writeAll(fd, data, path: path)
+                try FileStoreIO.fsync(fd, path: path)
                 open = false
-                try FileStoreIO.close(fd, path: tmpPath)
-                try FileStoreIO.rename(tmpPath, finalPath)
+                try FileStoreIO.close(fd, path: path)
+                if path != finalPath { try FileStoreIO.rename(path, finalPath) }
             } catch {
-                if open { try? FileStoreIO.close(fd, path: tmpPath) }
-                try? FileStoreIO.unlinkIfExists(tmpPath)
+                if open { try? FileStoreIO.close(fd, path: path) }
+                try? FileStoreIO.unlinkIfExists(path)
                 throw error
             }
             // If this fails the blob may not be durable: the put fails (no 250 is sent) and the
-            // file, if it survives, is an orphan for the garbage collector (see `list()`).
+            // file, if it survives, is an orphan for the garbage collector.
             try FileStoreIO.fsyncDirectory(directory)
         }
     }

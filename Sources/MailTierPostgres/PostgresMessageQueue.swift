@@ -120,7 +120,8 @@ public struct PostgresMessageQueue: MessageQueue {
                         attempts: attempts, maxAttempts: maxAttempts, leaseToken: MessageID.make(),
                         deliveryKey: deliveryKey ?? makeDeliveryKey(), receivedAt: Date(unixSeconds: createdAt),
                         domain: domain, sizeBytes: Int(sizeBytes), smtputf8: smtputf8, bodyType: bodyType,
-                        deliverBy: deliverBy.map(Date.init(unixSeconds:)), deliverByMode: deliverByMode))
+                        deliverBy: deliverBy.map(Date.init(unixSeconds:)), deliverByMode: deliverByMode,
+                        deliveryKeyIsNew: deliveryKey == nil))
             }
             guard !jobs.isEmpty else { return [] }
             try await transaction.query(

@@ -336,6 +336,13 @@ public final class SQLiteDatabase: Sendable {
     public let migrationsApplied: [Int]
     private let threadPool: NIOThreadPool
     private let connection: NIOLockedValueBox<GuardedConnection>
+    /// Writes waiting for the connection (see `writeSync`).
+    private let pendingWrites = NIOLockedValueBox<[PendingWrite]>([])
+    private let committedBatches = NIOLockedValueBox(0)
+
+    /// Write transactions committed so far by `write`/`writeSync`: fewer than the writes when
+    /// concurrent writes shared a commit.
+    public var writeTransactionsCommitted: Int { committedBatches.withLockedValue { $0 } }
 
     /// Opens (creating) the file, sets journal_mode=WAL, synchronous=FULL, foreign_keys=ON,
     /// busy_timeout=5000, then runs the migrations. A file this creates has mode 0600.
@@ -370,13 +377,110 @@ public final class SQLiteDatabase: Sendable {
     }
 
     /// Synchronous `write`, for the CLI and for start-up code: blocks the calling thread.
+    ///
+    /// Group commit: writes that arrive while another one holds the connection wait in
+    /// `pendingWrites`; whichever of them gets the connection next runs all of them in one
+    /// `BEGIN IMMEDIATE … COMMIT`, each in a savepoint of its own (a body that throws is rolled
+    /// back alone and gets its error), so that concurrent writers share one commit (one WAL
+    /// fsync) instead of queueing for one each. Nobody returns before the COMMIT that holds
+    /// their changes has succeeded; if it fails, every body of the batch gets the error.
     public func writeSync<T>(_ body: (SQLiteConnection) throws -> T) throws -> T {
-        try connection.withLockedValue { guarded in
-            try Self.transaction(guarded.connection, begin: "BEGIN IMMEDIATE", body)
+        let result = WriteResult<T>()
+        try withoutActuallyEscaping({ (connection: SQLiteConnection) throws -> Void in
+            result.value = try body(connection)
+        }) { work in
+            let write = PendingWrite(work)
+            pendingWrites.withLockedValue { $0.append(write) }
+            try connection.withLockedValue { guarded in
+                if !write.isDone {
+                    let batch = pendingWrites.withLockedValue { pending in
+                        defer { pending.removeAll(keepingCapacity: true) }
+                        return pending
+                    }
+                    let commits = Self.commit(batch, guarded.connection)
+                    committedBatches.withLockedValue { $0 += commits }
+                }
+                // Done (by this thread or by the one that held the connection before), and
+                // the batch no longer refers to `work`.
+                if let error = write.error { throw error }
+            }
         }
+        return result.value!
     }
 
     // MARK: - Internals
+
+    /// One caller's write body, waiting for a batch. Its fields are written and read only
+    /// under the connection lock (`isDone`, `error`) or before it is shared (`work`).
+    private final class PendingWrite: @unchecked Sendable {
+        var work: ((SQLiteConnection) throws -> Void)?
+        var isDone = false
+        var error: (any Error)?
+        init(_ work: @escaping (SQLiteConnection) throws -> Void) { self.work = work }
+    }
+
+    private final class WriteResult<T> {
+        var value: T?
+    }
+
+    /// Runs `batch` in one transaction, a savepoint each; sets every write's outcome and drops
+    /// its body. A failure that ends the transaction itself (SQLite rolls back on I/O errors,
+    /// a full disk, ...) fails the writes that ran before it in the same transaction; the
+    /// rest run in a new one.
+    /// Returns how many transactions it committed.
+    private static func commit(_ batch: [PendingWrite], _ connection: SQLiteConnection) -> Int {
+        var open: [PendingWrite] = []  // ran in the current transaction
+        var commits = 0
+        func finish(_ writes: [PendingWrite], _ error: (any Error)?) {
+            for write in writes {
+                write.error = write.error ?? error
+                write.work = nil
+                write.isDone = true
+            }
+        }
+        func commitOpen() {
+            do {
+                try connection.execute("COMMIT")
+                commits += 1
+                finish(open, nil)
+            } catch {
+                if connection.isInTransaction { try? connection.execute("ROLLBACK") }
+                finish(open, error)
+            }
+            open = []
+        }
+        for write in batch {
+            if !connection.isInTransaction {
+                do {
+                    try connection.execute("BEGIN IMMEDIATE")
+                } catch {
+                    finish([write], error)
+                    continue
+                }
+            }
+            do {
+                try connection.execute("SAVEPOINT batched_write")
+                try write.work?(connection)
+                try connection.execute("RELEASE batched_write")
+                open.append(write)
+            } catch {
+                write.error = error
+                if connection.isInTransaction {
+                    // Undo this body only; the transaction goes on for the others.
+                    try? connection.execute("ROLLBACK TO batched_write")
+                    try? connection.execute("RELEASE batched_write")
+                    finish([write], error)
+                } else {
+                    // The transaction is gone: so are the changes of the writes before it.
+                    finish([write], error)
+                    finish(open, error)
+                    open = []
+                }
+            }
+        }
+        if connection.isInTransaction { commitOpen() }
+        return commits
+    }
 
     private static func transaction<T>(
         _ connection: SQLiteConnection, begin: String, _ body: (SQLiteConnection) throws -> T

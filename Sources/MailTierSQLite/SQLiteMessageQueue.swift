@@ -96,7 +96,8 @@ public struct SQLiteMessageQueue: MessageQueue {
             for row in rows {
                 let id = row.int("id")!
                 let token = MessageID.make()
-                let key = row.string("delivery_key") ?? makeDeliveryKey()
+                let storedKey = row.string("delivery_key")
+                let key = storedKey ?? makeDeliveryKey()
                 try db.execute(
                     "UPDATE queue_recipients SET lease_token = ?, lease_until = ?, delivery_key = ? WHERE id = ?",
                     [.text(token), .integer(leaseUntil), .text(key), .integer(id)])
@@ -109,7 +110,8 @@ public struct SQLiteMessageQueue: MessageQueue {
                         receivedAt: Date(timeIntervalSince1970: Double(row.int("created_at") ?? 0)),
                         domain: row.string("domain"), sizeBytes: Int(row.int("size_bytes") ?? 0),
                         smtputf8: row.int("smtputf8") == 1, bodyType: row.string("body_type"),
-                        deliverBy: row.int("deliver_by").map(Date.init(unixSeconds:)), deliverByMode: row.string("by_mode")))
+                        deliverBy: row.int("deliver_by").map(Date.init(unixSeconds:)), deliverByMode: row.string("by_mode"),
+                        deliveryKeyIsNew: storedKey == nil))
             }
             return jobs
         }

@@ -117,6 +117,17 @@ public enum SQLiteSchema {
             """,
             "CREATE INDEX idx_events_undelivered ON events(next_attempt) WHERE delivered_at IS NULL",
         ],
+        // Version 4: embedded mode's spool for small messages (`SQLiteBlobStore`): SQLite only,
+        // as cluster mode spools to S3.
+        [
+            """
+            CREATE TABLE spool_blobs (
+                key TEXT PRIMARY KEY,
+                data BLOB NOT NULL,
+                created_at INTEGER NOT NULL
+            )
+            """
+        ],
     ]
 
     /// The version this build writes.

@@ -128,7 +128,7 @@ let createFirstAdmin: @Sendable () async throws -> Void = {
 }
 
 // Temporary files of puts interrupted by a crash; their messages were never acknowledged.
-if let directorySpool = spool as? SpoolBlobStore {
+if let directorySpool = storage.spoolDirectory {
     _ = try? await directorySpool.removeStaleTemporaryFiles(olderThan: .seconds(3600))
 }
 let quota = QuotaChecker(mailboxes: mailboxes)

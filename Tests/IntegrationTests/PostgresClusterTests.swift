@@ -50,9 +50,9 @@ struct PostgresClusterTests {
         defer { try? FileManager.default.removeItem(at: directory) }
         let path = directory.appendingPathComponent("smtp.db").path
         let first = try await migrate(["SMTP_DB_PATH": path])
-        #expect(first.status == 0 && first.stdout == "SQLite \(path): applied migrations 1, 2, 3 (schema version 3)\n", "\(first.output)")
+        #expect(first.status == 0 && first.stdout == "SQLite \(path): applied migrations 1, 2, 3, 4 (schema version 4)\n", "\(first.output)")
         let again = try await migrate(["SMTP_DB_PATH": path])
-        #expect(again.status == 0 && again.stdout == "SQLite \(path): schema is current (version 3)\n", "\(again.output)")
+        #expect(again.status == 0 && again.stdout == "SQLite \(path): schema is current (version 4)\n", "\(again.output)")
         let tables = try await probeJSON(["sqlite", path, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'events'"])
         #expect((tables as? [[String: Any]])?.count == 1, "no events table: \(tables)")
     }

@@ -65,7 +65,7 @@ extension AccountTests {
                 #expect(foreignKeys == 1)
                 #expect(synchronous == 2)  // FULL
                 #expect(version == Int64(SQLiteSchema.currentVersion))
-                #expect(tables.filter { !$0.hasPrefix("messages") } == ["events", "queue_messages", "queue_recipients", "users"])
+                #expect(tables.filter { !$0.hasPrefix("messages") } == ["events", "queue_messages", "queue_recipients", "spool_blobs", "users"])
                 #expect(tables.contains("messages") && tables.contains("messages_fts"))
             }
         }

@@ -261,6 +261,7 @@ struct ConfigurationTests {
         ("SMTP_WEBHOOK_RETRY_SECONDS", "0", #"SMTP_WEBHOOK_RETRY_SECONDS: expected an integer from 1 to 3600, got "0""#),
         ("SMTP_WEBHOOK_MAX_ATTEMPTS", "101", #"SMTP_WEBHOOK_MAX_ATTEMPTS: expected an integer from 1 to 100, got "101""#),
         ("SMTP_HEALTH_MIN_FREE_DISK_PERCENT", "100", #"SMTP_HEALTH_MIN_FREE_DISK_PERCENT: expected an integer from 0 to 99, got "100""#),
+        ("SMTP_SPOOL_SMALL_MESSAGE_KB", "2048", #"SMTP_SPOOL_SMALL_MESSAGE_KB: expected an integer from 0 to 1024, got "2048""#),
     ]
 
     @Test("webhook variables: URL, events (default all), secret, retries; nothing recorded without a URL")
@@ -483,10 +484,10 @@ struct ConfigurationTests {
             "SMTP_DNS_SERVERS", "SMTP_RELAY_HOST", "SMTP_OUTBOUND_PORT", "SMTP_OUTBOUND_REQUIRE_TLS",
             "SMTP_OUTBOUND_CONCURRENCY", "SMTP_RETRY_SCHEDULE", "SMTP_MAX_QUEUE_AGE_SECONDS", "SMTP_LEASE_SECONDS",
             "SMTP_WEBHOOK_URL", "SMTP_WEBHOOK_EVENTS", "SMTP_WEBHOOK_SECRET", "SMTP_WEBHOOK_RETRY_SECONDS",
-            "SMTP_WEBHOOK_MAX_ATTEMPTS", "SMTP_HEALTH_MIN_FREE_DISK_PERCENT",
+            "SMTP_WEBHOOK_MAX_ATTEMPTS", "SMTP_HEALTH_MIN_FREE_DISK_PERCENT", "SMTP_SPOOL_SMALL_MESSAGE_KB",
         ] {
             #expect(Configuration.variables.contains { $0.name == name }, "\(name)")
         }
-        #expect(Configuration.variables.count == 62)
+        #expect(Configuration.variables.count == 63)
     }
 }

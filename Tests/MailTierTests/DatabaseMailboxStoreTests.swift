@@ -64,19 +64,20 @@ private func indexEntry(_ mailbox: String, _ id: String, location: String, size:
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = directory + "/smtp.db"
         do {
-            // Make a version-1 file: today's schema without what migrations 2 and 3 added.
+            // Make a version-1 file: today's schema without what migrations 2, 3 and 4 added.
             let database = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
             _ = try await SQLiteUserStore(database: database).create(username: "alice", email: alice, passwordHash: "x", quotaMB: 10, isAdmin: false)
             try database.writeSync { connection in
                 try connection.execute("DROP TABLE messages_fts")
                 try connection.execute("DROP TABLE messages")
                 try connection.execute("DROP TABLE events")
+                try connection.execute("DROP TABLE spool_blobs")
                 try connection.execute("PRAGMA user_version = 1")
             }
         }
         let upgraded = try SQLiteDatabase(path: path, threadPool: NIOThreadPool.singleton)
         #expect(try upgraded.readSync { try SQLiteSchema.userVersion($0) } == SQLiteSchema.currentVersion)
-        #expect(upgraded.migrationsApplied == [2, 3])
+        #expect(upgraded.migrationsApplied == [2, 3, 4])
         #expect(try await SQLiteUserStore(database: upgraded).user(named: "alice")?.email == alice)
         let store: any SearchableMailboxStore = SQLiteMailboxStore(database: upgraded)
         #expect(try await store.deliver(dbMessage("Upgraded"), dbDelivery(alice, "msg_upgraded")))

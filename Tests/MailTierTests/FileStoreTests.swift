@@ -55,10 +55,10 @@ private func age(_ path: String, by seconds: Int) throws {
 
 private func buffer(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
 
-private func maildirDelivery(_ mailbox: String, key: String) -> MailboxDelivery {
+private func maildirDelivery(_ mailbox: String, key: String, mayBeStoredAlready: Bool = true) -> MailboxDelivery {
     MailboxDelivery(
         mailbox: mailbox, messageID: "msg_test", deliveryKey: key, sender: "a@b.example",
-        receivedAt: Date())
+        receivedAt: Date(), mayBeStoredAlready: mayBeStoredAlready)
 }
 
 @Suite("FileStoreTests")
@@ -327,6 +327,56 @@ struct FileStoreTests {
         #expect(try fileMode(box + "/new/" + key) == 0o600)
         #expect(try names(in: box + "/tmp") == [])
         #expect(try await store.usageBytes(of: "u@example.com") == Int64("the real message".utf8.count))
+    }
+
+    /// A first attempt (fresh key) does not look for an earlier copy — unless tmp/<key> shows
+    /// that an earlier attempt of the key exists after all (a worker that lost its lease).
+    @Test func freshKeyWithLeftoverStillFindsTheEarlierCopy() async throws {
+        let temp = try TempDirectory()
+        defer { temp.remove() }
+        let store = MaildirStore(root: temp.path, hostname: "mx.example.com", threadPool: self.pool)
+        let key = store.makeDeliveryKey()
+        #expect(try await store.deliver(buffer("first"), maildirDelivery("u@example.com", key: key, mayBeStoredAlready: false)))
+        let box = temp.path + "/u@example.com"
+        #expect(rename(box + "/new/" + key, box + "/cur/" + key + ":2,S") == 0)
+        try write("partial", to: box + "/tmp/" + key)
+
+        #expect(try await store.deliver(buffer("again"), maildirDelivery("u@example.com", key: key, mayBeStoredAlready: false)) == false)
+        #expect(try store.messageFiles(of: "u@example.com") == [box + "/cur/" + key + ":2,S"])
+        #expect(try names(in: box + "/tmp") == [])
+    }
+
+    /// The folder's directories are made when tmp/ is missing, and new/ when link() finds it
+    /// missing (a crash between the mkdirs, or a reader that removed it).
+    @Test func missingMaildirDirectoriesAreMadeAgain() async throws {
+        let temp = try TempDirectory()
+        defer { temp.remove() }
+        let store = MaildirStore(root: temp.path + "/mail", hostname: "mx.example.com", threadPool: self.pool)
+        let box = temp.path + "/mail/u@example.com"
+        #expect(try await store.deliver(buffer("one"), maildirDelivery("u@example.com", key: store.makeDeliveryKey())))
+        #expect(try fileMode(temp.path + "/mail") == 0o700)
+        #expect(try names(in: box) == ["cur", "new", "tmp"])
+
+        #expect(rmdir(box + "/tmp") == 0)
+        #expect(try await store.deliver(buffer("two"), maildirDelivery("u@example.com", key: store.makeDeliveryKey())))
+        #expect(try names(in: box) == ["cur", "new", "tmp"])
+
+        let moved = try store.messageFiles(of: "u@example.com")
+        for file in moved { #expect(unlink(file) == 0) }
+        #expect(rmdir(box + "/new") == 0)
+        let key = store.makeDeliveryKey()
+        #expect(try await store.deliver(buffer("three"), maildirDelivery("u@example.com", key: key, mayBeStoredAlready: false)))
+        #expect(try contents(box + "/new/" + key) == Array("three".utf8))
+        #expect(try names(in: box + "/tmp") == [])
+
+        // A Maildir++ folder gets its directory, maildirfolder and cur/new/tmp the same way.
+        #expect(
+            try await store.deliver(
+                buffer("four"),
+                MailboxDelivery(
+                    mailbox: "u@example.com", folder: "Archive", messageID: "msg_test", deliveryKey: store.makeDeliveryKey(),
+                    sender: "", receivedAt: Date())))
+        #expect(try names(in: box + "/.Archive") == ["cur", "maildirfolder", "new", "tmp"])
     }
 
     @Test func usageCountsNewAndCur() async throws {

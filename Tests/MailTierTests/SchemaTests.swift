@@ -7,7 +7,8 @@ import Testing
 
 /// DESIGN.md: the same tables in PostgreSQL and SQLite. Both schemas, migrated from empty, have
 /// the same tables with the same columns; only PostgreSQL's `messages.search` (its full-text
-/// vector; SQLite keeps FTS5's `messages_fts` beside the table) and the bookkeeping tables differ.
+/// vector; SQLite keeps FTS5's `messages_fts` beside the table), embedded mode's `spool_blobs` and
+/// the bookkeeping tables differ.
 @Suite struct SchemaTests {
     static let sharedTables = ["events", "messages", "queue_messages", "queue_recipients", "users"]
 
@@ -17,7 +18,7 @@ import Testing
             return try await database.read { connection in
                 var tables: [String: [String]] = [:]
                 for name in try connection.query("SELECT name FROM sqlite_master WHERE type = 'table'").compactMap({ $0.string("name") })
-                where !name.hasPrefix("messages_fts") && !name.hasPrefix("sqlite_") {
+                where !name.hasPrefix("messages_fts") && !name.hasPrefix("sqlite_") && name != "spool_blobs" {
                     tables[name] = try connection.query("SELECT name FROM pragma_table_info(?) ORDER BY name", [.text(name)])
                         .compactMap { $0.string("name") }
                 }
