@@ -140,8 +140,19 @@ public struct MessageHeaders: Sendable {
     /// Reads at most the first 256 KiB, up to the first empty line.
     public init(_ message: ByteBuffer) {
         let view = message.readableBytesView
-        let limit = min(view.count, 262_144)
-        let text = String(decoding: view[view.startIndex..<(view.startIndex + limit)], as: UTF8.self)
+        let limit = view.startIndex + min(view.count, 262_144)
+        // Only the header section is decoded: the body (often far larger) is not looked at.
+        var end = view.startIndex
+        var lineStart = true
+        while end < limit {
+            let byte = view[end]
+            if lineStart && (byte == UInt8(ascii: "\n") || (byte == UInt8(ascii: "\r") && end + 1 < limit && view[end + 1] == UInt8(ascii: "\n"))) {
+                break
+            }
+            lineStart = byte == UInt8(ascii: "\n")
+            end += 1
+        }
+        let text = String(decoding: view[view.startIndex..<end], as: UTF8.self)
         var current: (name: String, value: String)?
         // "\r\n" is one Character in Swift: split on newline characters, not on "\n".
         for line in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline) {
