@@ -49,7 +49,7 @@ struct BenchSmokeTests {
 
         await ServerSlots.shared.acquire()
         let result = try await runProcess(
-            "/bin/bash", [BenchSmoke.repository.appendingPathComponent("scripts/bench.sh").path, "--smoke", "--out", out.path],
+            "/bin/bash", [BenchSmoke.repository.appendingPathComponent("scripts/bench.sh").path, "--smoke", "--repeat", "2", "--out", out.path],
             environment: environment, timeout: .seconds(420))
         await ServerSlots.shared.release()
         #expect(result.status == 0 && !result.timedOut, "bench.sh --smoke failed:\n\(result.output.suffix(6000))")
@@ -70,6 +70,10 @@ struct BenchSmokeTests {
             if name.hasPrefix("ingress/") {
                 let latency = scenario["latency_ms"] as? [String: Any]
                 #expect((BenchSmoke.number(latency?["p99"]) ?? 0) > 0, "\(name): no latency p99")
+                // --repeat 2: both runs kept, the row's msg/s is their median.
+                let runs = (scenario["runs_msgs_per_s"] as? [Any])?.compactMap(BenchSmoke.number) ?? []
+                #expect(runs.count == 2, "\(name): runs \(runs)")
+                if runs.count == 2 { #expect(abs((runs[0] + runs[1]) / 2 - rate) < 0.2, "\(name): \(rate) is not the median of \(runs)") }
             }
             if name.hasPrefix("ingress/ours/") {
                 #expect(BenchSmoke.number(scenario["ratio_vs_postfix"]) != nil, "\(name): no ratio to Postfix")
