@@ -1,4 +1,5 @@
 import MailTier
+import NIOConcurrencyHelpers
 
 /// `GET /stats` (API.md "Statistics"). Queue and storage figures come from the database and the
 /// mailboxes, so they are cluster-wide; counters of connections, messages received and sent,
@@ -119,13 +120,45 @@ public struct ServerStatistics: Encodable, Sendable, Equatable {
 /// Gathers `/stats`: the queue and the mailboxes (cluster-wide) and this process's counters.
 public enum AdminStatistics {
     public static func collect(
-        queue: any MessageQueue, accounts: AccountService, mailboxes: any MailboxStore,
+        queue: any MessageQueue, storage: StoredMailFigures,
         connections: (active: Int, total: Int), counters: ProcessCounters.Snapshot = .init()
     ) async throws -> ServerStatistics {
         let queued =
             try await queue.list(status: .pending, offset: 0, limit: 0).total
             + queue.list(status: .retry, offset: 0, limit: 0).total
         let failed = try await queue.list(status: .failed, offset: 0, limit: 0).total
+        let (stored, bytes) = try await storage.current()
+        return ServerStatistics(
+            messages: .init(received: counters.received, sent: counters.sent, queued: queued, failed: failed),
+            connections: .init(current: connections.active, total: connections.total, rejected: counters.rejectedConnections),
+            authentication: .init(successful: counters.authSuccesses, failed: counters.authFailures),
+            spam: .init(detected: counters.spam, received: counters.received),
+            virus: .init(detected: counters.viruses, received: counters.received),
+            storage: .init(messagesStored: stored, totalSizeBytes: bytes),
+            performance: .init(samples: counters.processingMilliseconds))
+    }
+}
+
+/// `/stats`' storage figures: the messages in every account's INBOX and the bytes of every
+/// mailbox. Measuring them lists (for maildir, stats) every message of every account, so a
+/// measurement is kept for `lifetime` and shared by the calls meanwhile.
+public final class StoredMailFigures: Sendable {
+    let accounts: AccountService
+    let mailboxes: any MailboxStore
+    let lifetime: Duration
+    private let cached = NIOLockedValueBox<(messages: Int, bytes: Int64, measured: ContinuousClock.Instant)?>(nil)
+
+    public init(accounts: AccountService, mailboxes: any MailboxStore, lifetime: Duration = .seconds(30)) {
+        self.accounts = accounts
+        self.mailboxes = mailboxes
+        self.lifetime = lifetime
+    }
+
+    public func current() async throws -> (messages: Int, bytes: Int64) {
+        let now = ContinuousClock.now
+        if let figures = cached.withLockedValue({ $0 }), now - figures.measured < lifetime {
+            return (figures.messages, figures.bytes)
+        }
         var stored = 0
         var bytes: Int64 = 0
         var offset = 0
@@ -138,13 +171,7 @@ public enum AdminStatistics {
             offset += users.count
             if users.isEmpty || offset >= total { break }
         }
-        return ServerStatistics(
-            messages: .init(received: counters.received, sent: counters.sent, queued: queued, failed: failed),
-            connections: .init(current: connections.active, total: connections.total, rejected: counters.rejectedConnections),
-            authentication: .init(successful: counters.authSuccesses, failed: counters.authFailures),
-            spam: .init(detected: counters.spam, received: counters.received),
-            virus: .init(detected: counters.viruses, received: counters.received),
-            storage: .init(messagesStored: stored, totalSizeBytes: bytes),
-            performance: .init(samples: counters.processingMilliseconds))
+        cached.withLockedValue { $0 = (stored, bytes, now) }
+        return (stored, bytes)
     }
 }

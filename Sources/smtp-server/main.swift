@@ -234,6 +234,7 @@ let health = HealthEndpoint(
 var adminServices: AdminServices?
 if configuration.role == .all || configuration.role == .admin {
     let limits = configuration.rateLimits
+    let storedMail = StoredMailFigures(accounts: accounts, mailboxes: mailboxes)
     adminServices = AdminServices(
         accounts: accounts, mailboxes: mailboxes, queue: queue, spool: spool,
         authenticator: APIAuthenticator(
@@ -244,7 +245,7 @@ if configuration.role == .all || configuration.role == .admin {
             var counted = counters.snapshot
             counted.rejectedConnections += listener?.refusedForLimit ?? 0
             return try await AdminStatistics.collect(
-                queue: queue, accounts: accounts, mailboxes: mailboxes,
+                queue: queue, storage: storedMail,
                 connections: listener.map { ($0.activeConnections, $0.totalConnections) } ?? (0, 0), counters: counted)
         })
 }

@@ -77,13 +77,16 @@ private struct Fixture {
             requestRule: requestRule,
             statistics: { [fixture] in
                 try await AdminStatistics.collect(
-                    queue: fixture.queue, accounts: accounts, mailboxes: fixture.mailboxes, connections: (2, 9))
+                    queue: fixture.queue, storage: fixture.storedMail, connections: (2, 9))
             })
         let health = HealthEndpoint(checks: HealthChecks([]))
         return (fixture, Application(router: AdminAPI.router(health: health, services: services)))
     }
 
     func remove() { try? FileManager.default.removeItem(atPath: directory) }
+
+    /// Measured on every call (the server keeps a measurement for 30 s).
+    var storedMail: StoredMailFigures { StoredMailFigures(accounts: accounts, mailboxes: mailboxes, lifetime: .zero) }
 
     func store(_ content: String, for mailbox: String) async throws {
         _ = try await mailboxes.deliver(
@@ -347,6 +350,21 @@ struct AdminRoutesTests {
             #expect(storage["messages_stored"] as? Int == 1 && storage["total_size_mb"] is Double)
             #expect(Set((stats.json["performance"] as? [String: Any] ?? [:]).keys) == ["avg_processing_ms", "p95_processing_ms", "p99_processing_ms"])
         }
+    }
+
+    @Test("/stats' storage figures are measured at most once per lifetime, not for every call")
+    func storedMailFiguresAreKept() async throws {
+        let (fixture, _) = try await Fixture.make()
+        defer { fixture.remove() }
+        try await fixture.store("Subject: one\r\n\r\none\r\n", for: "bob@example.com")
+        let kept = StoredMailFigures(accounts: fixture.accounts, mailboxes: fixture.mailboxes, lifetime: .seconds(3600))
+        let before = try await kept.current()
+        #expect(before.messages == 1 && before.bytes > 0)
+        try await fixture.store("Subject: two\r\n\r\ntwo\r\n", for: "alice@example.com")
+        let again = try await kept.current()
+        #expect(again.messages == before.messages && again.bytes == before.bytes, "within its lifetime: the same measurement")
+        let fresh = try await fixture.storedMail.current()
+        #expect(fresh.messages == 2 && fresh.bytes > before.bytes)
     }
 
     @Test("an unknown user and a wrong password look the same; failed logins are throttled per address and username (429, Retry-After)")
