@@ -34,13 +34,16 @@ def main():
     p.add_argument("--sessions", type=int, default=50)
     p.add_argument("--reuse", action="store_true")
     p.add_argument("--out", default="/tmp/mailtier-perf.data")
+    p.add_argument("--env", action="append", default=[], metavar="SMTP_X=value",
+                   help="a setting for the server (repeatable), e.g. --env SMTP_SPOOL_SMALL_MESSAGE_KB=0")
     a = p.parse_args()
     messages = a.messages or (3000 if a.tool == "perf" else 500)
     if not shutil.which(a.tool):
         print(f"profile: {a.tool} is not installed", file=sys.stderr)
         return 2
     directory = tempfile.mkdtemp(prefix="mailtier-profile-")
-    server = run.Ours(os.path.join(os.path.abspath(a.bin), "smtp-server"), directory)
+    server = run.Ours(os.path.join(os.path.abspath(a.bin), "smtp-server"), directory,
+                      extra=dict(setting.split("=", 1) for setting in a.env))
     server.start()
     report = os.path.join(directory, "strace.txt")
     try:

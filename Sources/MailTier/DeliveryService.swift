@@ -230,13 +230,14 @@ public final class DeliveryService: Service, Sendable {
     /// Delivers claimed jobs (local ones to the mailboxes, remote ones through `remote`), then
     /// notifies failures, records every outcome and drops finished blobs.
     private func process(_ claimed: [DeliveryJob], now: Date, remote: (any RemoteTransport)?) async throws -> Int {
+        let claimedAt = ContinuousClock.now
         let jobs = await mirrorLeases(claimed)
         guard !jobs.isEmpty else { return 0 }
         // RFC 2852 `BY=…;R` past its deadline: no attempt; the sender hears of it.
         let missed = jobs.filter { $0.missedDeadline(at: now) }
         // Leases renewed while it runs; on graceful shutdown, cut after the grace period.
         let (results, unfinished) = await attemptHoldingLeases(
-            jobs.filter { !$0.missedDeadline(at: now) }, now: now, remote: remote)
+            jobs.filter { !$0.missedDeadline(at: now) }, now: now, claimedAt: claimedAt, remote: remote)
         var outcomes: [(job: DeliveryJob, outcome: DeliveryOutcome)] = []
         var failures: [FailedDelivery] = []
         for (job, problem) in results {
@@ -330,13 +331,15 @@ public final class DeliveryService: Service, Sendable {
     /// it did. Only the deliveries done count; every other job is returned as unfinished, for its
     /// lease to be released. The bound holds even when a transport ignores cancellation (a peer
     /// that does not answer): the attempt is then abandoned, not awaited.
-    private func attemptHoldingLeases(_ jobs: [DeliveryJob], now: Date, remote: (any RemoteTransport)?) async -> (
+    private func attemptHoldingLeases(
+        _ jobs: [DeliveryJob], now: Date, claimedAt: ContinuousClock.Instant, remote: (any RemoteTransport)?
+    ) async -> (
         results: [(DeliveryJob, DeliveryProblem?)], unfinished: [DeliveryJob]
     ) {
         guard !jobs.isEmpty else { return ([], []) }
         let first = FirstOffer<Step>()
         let attempt = Task {
-            let results = await self.attempt(jobs, now: now, remote: remote)
+            let results = await self.attempt(jobs, now: now, claimedAt: claimedAt, remote: remote)
             first.offer(.finished(results))
             return results
         }
@@ -398,14 +401,16 @@ public final class DeliveryService: Service, Sendable {
     /// Tries every job once: local mailboxes in parallel (one mailbox's messages in order, so
     /// its quota is measured between them and no two writers race on it), and each remote
     /// message's recipients at one domain together.
-    private func attempt(_ jobs: [DeliveryJob], now: Date, remote transport: (any RemoteTransport)?) async -> [(DeliveryJob, DeliveryProblem?)] {
+    private func attempt(
+        _ jobs: [DeliveryJob], now: Date, claimedAt: ContinuousClock.Instant, remote transport: (any RemoteTransport)?
+    ) async -> [(DeliveryJob, DeliveryProblem?)] {
         let local = Dictionary(grouping: jobs.filter(\.isLocal), by: \.recipient)
         let remote = Dictionary(grouping: jobs.filter { !$0.isLocal }, by: { RemoteGroup(messageID: $0.messageID, domain: $0.domain) })
         return await withTaskGroup(of: [(DeliveryJob, DeliveryProblem?)].self) { group in
             for mailboxJobs in local.values {
                 group.addTask {
                     var results: [(DeliveryJob, DeliveryProblem?)] = []
-                    for job in mailboxJobs { results.append((job, await self.deliverLocally(job))) }
+                    for job in mailboxJobs { results.append((job, await self.deliverLocally(job, claimedAt: claimedAt))) }
                     return results
                 }
             }
@@ -425,7 +430,11 @@ public final class DeliveryService: Service, Sendable {
         var domain: String
     }
 
-    private func deliverLocally(_ job: DeliveryJob) async -> DeliveryProblem? {
+    /// A first attempt (the claim made the delivery key) tells the mailbox that nothing can be
+    /// stored under the key yet — while the lease is surely still this worker's: after half of
+    /// it (a process stopped past its lease, a newer worker may have delivered meanwhile) the
+    /// mailbox looks for a copy as on a retry.
+    private func deliverLocally(_ job: DeliveryJob, claimedAt: ContinuousClock.Instant) async -> DeliveryProblem? {
         do {
             let blob = try await spool.get(key: job.blobKey)
             var message = ByteBufferAllocator().buffer(capacity: blob.readableBytes + 64)
@@ -440,7 +449,8 @@ public final class DeliveryService: Service, Sendable {
                 message,
                 MailboxDelivery(
                     mailbox: job.recipient, messageID: job.messageID, deliveryKey: job.deliveryKey, sender: job.mailFrom,
-                    receivedAt: job.receivedAt, mayBeStoredAlready: !job.deliveryKeyIsNew))
+                    receivedAt: job.receivedAt,
+                    mayBeStoredAlready: !job.deliveryKeyIsNew || ContinuousClock.now - claimedAt > settings.lease / 2))
             logger.info(
                 "delivered", metadata: ["queue_id": "\(job.messageID)", "to": "<\(job.recipient)>", "duplicate_suppressed": "\(!stored)"])
             return nil

@@ -84,8 +84,9 @@ public struct Storage: Sendable {
                 throw Failure(variable: "SMTP_SPOOL_PATH", message: "cannot use \(configuration.spoolPath): \(error)")
             }
             // Embedded mode: small messages are spooled in the SQLite database (one WAL append
-            // shared by concurrent sessions instead of a file each).
-            if case .sqlite(let sqlite) = database, configuration.spoolSmallMessageKB > 0 {
+            // shared by concurrent sessions instead of a file each). With 0 every new message is
+            // a file, and the rows spooled before still read from the database.
+            if case .sqlite(let sqlite) = database {
                 spool = SQLiteBlobStore(database: sqlite, maximumSize: configuration.spoolSmallMessageKB * 1024, overflow: files)
             } else {
                 spool = files

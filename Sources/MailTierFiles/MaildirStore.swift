@@ -148,7 +148,9 @@ public struct MaildirStore: MailboxStore {
             // Already delivered: still in new/, or moved to cur/ (by a reader or by setFlags) with
             // any set of the five standard flags (no scan of cur/ on the delivery path). Not
             // looked for (34 lstat calls) when no earlier attempt can have stored it: a first
-            // attempt (a fresh key) that found no leftover and no other holder of tmp/<key>.
+            // attempt (a fresh key, within its lease) that found no leftover and no other holder
+            // of tmp/<key>. Between this lookup and link() a paused worker can still be overtaken
+            // (lost lease, copy moved to cur/): the documented at-least-once duplicate.
             if mayBeStoredAlready || temporary.isLeftover, try Self.locate(key, in: box, scanningCur: false) != nil {
                 try? FileStoreIO.unlinkIfExists(tmpPath)
                 return false

@@ -7,7 +7,9 @@ import MailTier
 import NIOCore
 
 /// Embedded mode's spool for small messages: blobs up to `maximumSize` bytes are rows of
-/// `spool_blobs` in the SQLite database; larger ones go to `overflow` (the spool directory).
+/// `spool_blobs` in the SQLite database; larger ones (every one when `maximumSize` is 0) go to
+/// `overflow` (the spool directory). `get`, `delete` and `list` look in both, so changing the
+/// size strands nothing. (A key is in one place only: keys are fresh queue ids.)
 ///
 /// Why: a file per message costs an inode allocated and freed, a file and a directory fsync,
 /// and the directory's lock, for every message; under load those were most of the ingress's
@@ -26,7 +28,7 @@ public struct SQLiteBlobStore: BlobStore {
     }
 
     public func put(key: String, data: ByteBuffer) async throws {
-        guard data.readableBytes <= maximumSize else {
+        guard maximumSize > 0, data.readableBytes <= maximumSize else {
             try await overflow.put(key: key, data: data)
             return
         }

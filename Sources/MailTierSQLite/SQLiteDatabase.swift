@@ -424,61 +424,81 @@ public final class SQLiteDatabase: Sendable {
     }
 
     /// Runs `batch` in one transaction, a savepoint each; sets every write's outcome and drops
-    /// its body. A failure that ends the transaction itself (SQLite rolls back on I/O errors,
-    /// a full disk, ...) fails the writes that ran before it in the same transaction; the
-    /// rest run in a new one.
+    /// its body. A write that throws is rolled back to its savepoint alone. A failure that ends
+    /// the transaction itself (SQLite rolls back on I/O errors, a full disk, ...), or a savepoint
+    /// that cannot be rolled back, fails the writes that ran before it in the same transaction;
+    /// the rest run in a new one. A write is reported done only after the COMMIT that holds it.
     /// Returns how many transactions it committed.
     private static func commit(_ batch: [PendingWrite], _ connection: SQLiteConnection) -> Int {
-        var open: [PendingWrite] = []  // ran in the current transaction
+        var open: [PendingWrite] = []  // ran in the current transaction, not committed yet
         var commits = 0
-        func finish(_ writes: [PendingWrite], _ error: (any Error)?) {
+        func finish(_ writes: some Sequence<PendingWrite>, _ error: (any Error)?) {
             for write in writes {
                 write.error = write.error ?? error
                 write.work = nil
                 write.isDone = true
             }
         }
-        func commitOpen() {
+        /// Ends the current transaction without committing: every write in it fails. False when
+        /// the ROLLBACK failed and the transaction is still open.
+        func abandon(_ error: any Error) -> Bool {
+            if connection.isInTransaction { try? connection.execute("ROLLBACK") }
+            finish(open, error)
+            open = []
+            return !connection.isInTransaction
+        }
+        // A transaction still open (a ROLLBACK that failed) must not carry anything into this batch.
+        if connection.isInTransaction, !abandon(SQLiteError(code: SQLITE_ERROR, message: "transaction could not be rolled back")) {
+            finish(batch, SQLiteError(code: SQLITE_ERROR, message: "a failed transaction could not be rolled back"))
+            return 0
+        }
+        for (index, write) in batch.enumerated() {
+            if !connection.isInTransaction {
+                do {
+                    try connection.execute("BEGIN IMMEDIATE")
+                } catch {
+                    // (BUSY: another process holds the database; the rest would wait as long.)
+                    finish(batch[index...], error)
+                    return commits
+                }
+            }
+            do {
+                try connection.execute("SAVEPOINT batched_write")
+            } catch {
+                finish([write], error)
+                continue
+            }
+            do {
+                try write.work?(connection)
+                try connection.execute("RELEASE batched_write")
+                open.append(write)
+            } catch {
+                finish([write], error)
+                var undone = false
+                if connection.isInTransaction {
+                    do {
+                        try connection.execute("ROLLBACK TO batched_write")
+                        try connection.execute("RELEASE batched_write")
+                        undone = true
+                    } catch {}
+                }
+                // Its changes could not be undone alone, or the transaction is gone with the
+                // changes of the writes before it: they fail too.
+                if !undone, !abandon(error) {
+                    finish(batch[(index + 1)...], error)
+                    return commits
+                }
+            }
+        }
+        if connection.isInTransaction {
             do {
                 try connection.execute("COMMIT")
                 commits += 1
                 finish(open, nil)
             } catch {
-                if connection.isInTransaction { try? connection.execute("ROLLBACK") }
-                finish(open, error)
-            }
-            open = []
-        }
-        for write in batch {
-            if !connection.isInTransaction {
-                do {
-                    try connection.execute("BEGIN IMMEDIATE")
-                } catch {
-                    finish([write], error)
-                    continue
-                }
-            }
-            do {
-                try connection.execute("SAVEPOINT batched_write")
-                try write.work?(connection)
-                try connection.execute("RELEASE batched_write")
-                open.append(write)
-            } catch {
-                write.error = error
-                if connection.isInTransaction {
-                    // Undo this body only; the transaction goes on for the others.
-                    try? connection.execute("ROLLBACK TO batched_write")
-                    try? connection.execute("RELEASE batched_write")
-                    finish([write], error)
-                } else {
-                    // The transaction is gone: so are the changes of the writes before it.
-                    finish([write], error)
-                    finish(open, error)
-                    open = []
-                }
+                _ = abandon(error)
             }
         }
-        if connection.isInTransaction { commitOpen() }
         return commits
     }
 

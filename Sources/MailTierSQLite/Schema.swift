@@ -118,13 +118,13 @@ public enum SQLiteSchema {
             "CREATE INDEX idx_events_undelivered ON events(next_attempt) WHERE delivered_at IS NULL",
         ],
         // Version 4: embedded mode's spool for small messages (`SQLiteBlobStore`): SQLite only,
-        // as cluster mode spools to S3.
+        // as cluster mode spools to S3. `data` last: listing keys and times reads no blob.
         [
             """
             CREATE TABLE spool_blobs (
                 key TEXT PRIMARY KEY,
-                data BLOB NOT NULL,
-                created_at INTEGER NOT NULL
+                created_at INTEGER NOT NULL,
+                data BLOB NOT NULL
             )
             """
         ],

@@ -1,3 +1,10 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import NIOCore
 import SMTPProtocol
 
@@ -99,61 +106,90 @@ public struct SMTPFramingParser: Sendable {
         return .line(line)
     }
 
+    /// The complete lines in the buffer are framed in one pass over its bytes (memchr for each
+    /// LF), and the octets kept — everything but the terminator and the dots of dot-stuffed
+    /// lines — are copied into the content in runs, one copy per run of lines rather than one
+    /// slice and one copy per line.
     private mutating func nextDataSection(maxSize: Int) -> Frame? {
         var progress = data ?? DataProgress()
         defer { data = progress }
-        while true {
-            let view = buffer.readableBytesView
-            guard let lfIndex = view.firstIndex(of: Self.lf) else {
-                // A partial line: keep it until its end arrives, unless it is already too long.
-                if progress.discardingLine || view.count > SMTPDefaults.maxTextLineLength {
-                    progress.section.hadLongLine = true
-                    progress.discardingLine = true
-                    if let last = view.last { progress.discardedCR = last == Self.cr }
-                    buffer.moveReaderIndex(forwardBy: view.count)
+        var ended = false
+        let consumed = buffer.withUnsafeReadableBytes { raw -> Int in
+            guard let base = raw.baseAddress, raw.count > 0 else { return 0 }
+            var position = 0
+            // Kept octets [runStart, runEnd) not yet copied into the content.
+            var runStart = 0
+            var runEnd = 0
+            func keep(_ start: Int, _ end: Int) {
+                if start != runEnd {
+                    copyRun()
+                    runStart = start
                 }
-                return nil
+                runEnd = end
             }
-            let lineLength = lfIndex - view.startIndex + 1
-            if progress.discardingLine {
-                progress.discardingLine = false
-                progress.previousEndedWithCRLF = lineLength >= 2 ? view[lfIndex - 1] == Self.cr : progress.discardedCR
-                buffer.moveReaderIndex(forwardBy: lineLength)
-                continue
-            }
-            let endsWithCRLF = lineLength >= 2 && view[lfIndex - 1] == Self.cr
-            let textLength = endsWithCRLF ? lineLength - 2 : lineLength - 1
-            let text = view[view.startIndex..<(view.startIndex + textLength)]
-            if endsWithCRLF && progress.previousEndedWithCRLF && textLength == 1 && text.first == UInt8(ascii: ".") {
-                buffer.moveReaderIndex(forwardBy: lineLength)
-                data = nil
-                // A refused message keeps no content: it is never stored.
-                if progress.section.exceededSize || progress.section.hadLongLine || progress.section.hadBareCROrLF {
-                    progress.section.content = ByteBuffer()
+            func copyRun() {
+                if runEnd > runStart {
+                    progress.section.content.writeBytes(UnsafeRawBufferPointer(rebasing: raw[runStart..<runEnd]))
                 }
-                let section = progress.section
-                progress = DataProgress()
-                return .dataSection(section)
+                runStart = runEnd
             }
-            progress.previousEndedWithCRLF = endsWithCRLF
-            if !endsWithCRLF || text.contains(Self.cr) { progress.section.hadBareCROrLF = true }
-            if lineLength > SMTPDefaults.maxTextLineLength { progress.section.hadLongLine = true }
-            // RFC 5321 §4.5.2: a leading dot was doubled by the client.
-            let stuffed = text.first == UInt8(ascii: ".") ? 1 : 0
-            let keep = lineLength - stuffed
-            progress.size += keep
-            if progress.size > maxSize {
-                if !progress.section.exceededSize {
-                    progress.section.exceededSize = true
-                    progress.section.content = ByteBuffer()
+            while position < raw.count, let found = memchr(base + position, Int32(Self.lf), raw.count - position) {
+                let lfIndex = base.distance(to: UnsafeRawPointer(found))
+                let lineLength = lfIndex - position + 1
+                defer { position += lineLength }
+                if progress.discardingLine {
+                    progress.discardingLine = false
+                    progress.previousEndedWithCRLF = lineLength >= 2 ? raw[lfIndex - 1] == Self.cr : progress.discardedCR
+                    continue
                 }
-                buffer.moveReaderIndex(forwardBy: lineLength)
-            } else {
-                buffer.moveReaderIndex(forwardBy: stuffed)
-                var line = buffer.readSlice(length: keep)!
-                progress.section.content.writeBuffer(&line)
+                let endsWithCRLF = lineLength >= 2 && raw[lfIndex - 1] == Self.cr
+                let textLength = endsWithCRLF ? lineLength - 2 : lineLength - 1
+                let startsWithDot = textLength > 0 && raw[position] == UInt8(ascii: ".")
+                if endsWithCRLF && progress.previousEndedWithCRLF && textLength == 1 && startsWithDot {
+                    copyRun()
+                    ended = true
+                    return position + lineLength
+                }
+                progress.previousEndedWithCRLF = endsWithCRLF
+                if !endsWithCRLF || (textLength > 0 && memchr(base + position, Int32(Self.cr), textLength) != nil) {
+                    progress.section.hadBareCROrLF = true
+                }
+                if lineLength > SMTPDefaults.maxTextLineLength { progress.section.hadLongLine = true }
+                // RFC 5321 §4.5.2: a leading dot was doubled by the client.
+                let stuffed = startsWithDot ? 1 : 0
+                progress.size += lineLength - stuffed
+                if progress.size > maxSize {
+                    if !progress.section.exceededSize {
+                        progress.section.exceededSize = true
+                        progress.section.content = ByteBuffer()
+                        runStart = runEnd  // nothing more is kept
+                    }
+                } else {
+                    keep(position + stuffed, position + lineLength)
+                }
             }
+            copyRun()
+            return position
         }
+        buffer.moveReaderIndex(forwardBy: consumed)
+        if ended {
+            // A refused message keeps no content: it is never stored.
+            if progress.section.exceededSize || progress.section.hadLongLine || progress.section.hadBareCROrLF {
+                progress.section.content = ByteBuffer()
+            }
+            let section = progress.section
+            progress = DataProgress()
+            return .dataSection(section)
+        }
+        // A partial line: keep it until its end arrives, unless it is already too long.
+        let view = buffer.readableBytesView
+        if progress.discardingLine || view.count > SMTPDefaults.maxTextLineLength {
+            progress.section.hadLongLine = true
+            progress.discardingLine = true
+            if let last = view.last { progress.discardedCR = last == Self.cr }
+            buffer.moveReaderIndex(forwardBy: view.count)
+        }
+        return nil
     }
 
     private mutating func nextChunk(size: Int, discard: Bool) -> Frame? {

@@ -82,6 +82,14 @@ import Testing
                 database: try SQLiteDatabase(path: directory + "/smtp.db", threadPool: .singleton), maximumSize: 1024,
                 overflow: files)
             #expect(try await reopened.get(key: "msg_exact") == exactly)
+            // SMTP_SPOOL_SMALL_MESSAGE_KB=0 after a restart: new messages are files, the rows
+            // spooled before are still read.
+            let filesOnly = SQLiteBlobStore(database: database, maximumSize: 0, overflow: files)
+            #expect(try await filesOnly.get(key: "msg_small") == ByteBuffer(bytes: small.readableBytesView.prefix(1020)))
+            try await filesOnly.put(key: "msg_tiny", data: ByteBuffer(string: "x"))
+            #expect(FileManager.default.fileExists(atPath: directory + "/spool/msg_tiny"))
+            #expect(try await filesOnly.list().map(\.key) == ["msg_exact", "msg_large", "msg_small", "msg_tiny"])
+            try await filesOnly.delete(key: "msg_tiny")
 
             try await spool.delete(key: "msg_small")
             try await spool.delete(key: "msg_large")

@@ -120,6 +120,72 @@ struct SMTPFramingParserTests {
         ])
     }
 
+    /// The DATA framing copies kept octets in runs of lines; this checks it against the plain
+    /// line-by-line rules on random sections (dot-stuffed lines, bare CR and LF, lines of every
+    /// length up to 1000 octets, sizes around the limit) cut into random pieces.
+    @Test("DATA: random sections in random pieces frame as the line-by-line rules say")
+    func dataMatchesLineByLineRules() {
+        var random = SystemRandomNumberGenerator()
+        for round in 0..<300 {
+            var body: [UInt8] = []
+            for _ in 0..<Int.random(in: 0...40, using: &random) {
+                var line: [UInt8] = []
+                switch Int.random(in: 0..<10, using: &random) {
+                case 0: line = Array("..".utf8)
+                // (Not "." alone: that is the end of the section.)
+                case 1: line = Array(".".utf8) + Array(repeating: UInt8(ascii: "d"), count: Int.random(in: 1...5, using: &random))
+                case 2: line = Array(repeating: UInt8(ascii: "w"), count: Int.random(in: 900...998, using: &random))
+                default: line = Array(repeating: UInt8(ascii: "a") + UInt8(round % 26), count: Int.random(in: 0...80, using: &random))
+                }
+                if round % 5 == 0, Int.random(in: 0..<15, using: &random) == 0 { line.insert(13, at: line.count / 2) }  // bare CR
+                body += line + (round % 7 == 0 && Int.random(in: 0..<20, using: &random) == 0 ? [10] : [13, 10])  // bare LF
+            }
+            let maxSize = round % 3 == 0 ? Int.random(in: 0...2000, using: &random) : 1 << 20
+            let input = Array("DATA\r\n".utf8) + body + Array(".\r\nNOOP\r\n".utf8)
+
+            // The rules, one line at a time.
+            var expected: [String] = ["line:DATA"]
+            var position = 0
+            var previousCRLF = true
+            var content: [UInt8] = []
+            var size = 0
+            var (bare, long, exceeded) = (false, false, false)
+            let section = Array(input.dropFirst(6))
+            while let lf = section[position...].firstIndex(of: 10) {
+                let line = Array(section[position...lf])
+                position = lf + 1
+                let crlf = line.count >= 2 && line[line.count - 2] == 13
+                let text = crlf ? line.dropLast(2) : line.dropLast(1)
+                if crlf && previousCRLF && Array(text) == [UInt8(ascii: ".")] {
+                    let kept = exceeded || long || bare ? "" : String(decoding: content, as: UTF8.self)
+                    expected.append("data:\(kept.debugDescription) size:\(exceeded) bare:\(bare) long:\(long)")
+                    break
+                }
+                previousCRLF = crlf
+                if !crlf || text.contains(13) { bare = true }
+                if line.count > 1000 { long = true }
+                let stuffed = text.first == UInt8(ascii: ".") ? 1 : 0
+                size += line.count - stuffed
+                if size > maxSize {
+                    exceeded = true
+                } else {
+                    content += line.dropFirst(stuffed)
+                }
+            }
+            let rest = String(decoding: section[position...], as: UTF8.self)
+            for line in rest.split(separator: "\r\n") { expected.append("line:\(line)") }
+
+            var pieces: [Int] = []
+            var total = 0
+            while total < input.count {
+                let piece = Int.random(in: 1...(round % 2 == 0 ? 64 : 4096), using: &random)
+                pieces.append(piece)
+                total += piece
+            }
+            #expect(frames(input, pieces: pieces, maxSize: maxSize) == expected, "round \(round), pieces \(pieces)")
+        }
+    }
+
     @Test("DATA: the size limit is counted as content arrives")
     func dataSize() {
         let result = expectSplitInvariant("DATA\r\n12345678\r\n12345678\r\n.\r\nNOOP\r\n", maxSize: 15)
