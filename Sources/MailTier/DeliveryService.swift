@@ -263,8 +263,18 @@ public final class DeliveryService: Service, Sendable {
             logger.info("released the leases of unfinished deliveries", metadata: ["count": "\(unfinished.count)"])
         }
         await releaseMirroredLeases(jobs)
-        for key in recorded.finishedBlobKeys {
-            do { try await spool.delete(key: key) } catch { logger.warning("cannot delete blob", metadata: ["key": "\(key)", "error": "\(error)"]) }
+        // Together, not one after the other: the spool's deletes then share commits (SQLite),
+        // or run in parallel (files, S3).
+        await withTaskGroup(of: Void.self) { group in
+            for key in recorded.finishedBlobKeys {
+                group.addTask { [spool, logger] in
+                    do {
+                        try await spool.delete(key: key)
+                    } catch {
+                        logger.warning("cannot delete blob", metadata: ["key": "\(key)", "error": "\(error)"])
+                    }
+                }
+            }
         }
         return jobs.count
     }
