@@ -60,7 +60,11 @@ public struct Storage: Sendable {
             threadPool: threadPool, logger: logger)
     }
 
-    public init(configuration: Configuration, database: Database, threadPool: NIOThreadPool, logger: Logger) throws(Failure) {
+    /// `creatingSpool: false` for a program that does not accept mail (user-cli): it makes no
+    /// spool directory.
+    public init(
+        configuration: Configuration, database: Database, threadPool: NIOThreadPool, logger: Logger, creatingSpool: Bool = true
+    ) throws(Failure) {
         self.database = database
         self.logger = logger
         self.recording = configuration.recordedEvents
@@ -79,7 +83,7 @@ public struct Storage: Sendable {
         } else {
             let files: SpoolBlobStore
             do {
-                files = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: threadPool)
+                files = try SpoolBlobStore(directory: configuration.spoolPath, threadPool: threadPool, creating: creatingSpool)
             } catch {
                 throw Failure(variable: "SMTP_SPOOL_PATH", message: "cannot use \(configuration.spoolPath): \(error)")
             }

@@ -287,9 +287,10 @@ public struct SpoolBlobStore: BlobStore {
     /// Longest accepted key, leaving room in NAME_MAX (255) for the temporary suffix.
     public static let maximumKeyLength = 200
 
-    /// Creates `directory` (mode 0700, parents as needed) and its `tmp/` if missing.
+    /// Creates `directory` (mode 0700, parents as needed) and its `tmp/` if missing — unless
+    /// `creating` is false (a program that only reads or deletes blobs, if any are there).
     /// Blocks briefly (a few `mkdir`/`stat` calls): call it at start-up.
-    public init(directory: String, threadPool: NIOThreadPool) throws {
+    public init(directory: String, threadPool: NIOThreadPool, creating: Bool = true) throws {
         guard !directory.isEmpty, !directory.utf8.contains(0) else {
             throw FileStoreError(
                 kind: .systemCall, operation: "mkdir", path: directory, errorNumber: EINVAL,
@@ -297,6 +298,7 @@ public struct SpoolBlobStore: BlobStore {
         }
         self.directory = FileStoreIO.normalize(directory)
         self.threadPool = threadPool
+        guard creating else { return }
         try FileStoreIO.makeDirectories(self.directory, mode: 0o700, syncParents: true)
         if try FileStoreIO.makeDirectory(self.tmpDirectory, mode: 0o700) {
             try FileStoreIO.fsyncDirectory(self.directory)

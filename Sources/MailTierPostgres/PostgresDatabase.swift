@@ -173,17 +173,32 @@ public final class PostgresDatabase: Service, Sendable {
         return try await withoutActuallyEscaping(body) { body in
             let slot = WorkSlot(body)
             let outcome = FirstOffer<Swift.Result<Result, any Error>>()
+            let bodyReturned = Mutex(false)
             let lease = Task {
                 do {
                     let value = try await client.withConnection { connection in
-                        guard let work = slot.take() else {
+                        var work = slot.take()
+                        guard work != nil else {
                             throw CancellationError()  // abandoned: the connection goes back to the pool
                         }
-                        return try await withTaskCancellationHandler {
-                            try await work(connection, logger)
-                        } onCancel: {
-                            connection.close()  // fails a statement that hangs; the pool drops the connection
+                        // The outcome is known as soon as `body` returns, before the pool has the
+                        // connection back: handing it back is the pool's business, not waited for.
+                        // (`work` is dropped first: after that nothing here holds `body`.)
+                        let result: Swift.Result<Result, any Error>
+                        do {
+                            result = .success(
+                                try await withTaskCancellationHandler {
+                                    try await work!(connection, logger)
+                                } onCancel: {
+                                    connection.close()  // fails a statement that hangs; the pool drops the connection
+                                })
+                        } catch {
+                            result = .failure(error)
                         }
+                        work = nil
+                        bodyReturned.withLock { $0 = true }
+                        outcome.offer(result)
+                        return try result.get()
                     }
                     outcome.offer(.success(value))
                 } catch {
@@ -207,9 +222,10 @@ public final class PostgresDatabase: Service, Sendable {
             timer.cancel()
             let started = slot.take() == nil
             if started {
-                // `body` ran or runs: stop it (closing its connection) and wait, it holds `body`.
+                // `body` ran or runs: stop it (closing its connection) and, unless it has returned
+                // already, wait, as it holds `body`.
                 lease.cancel()
-                _ = await lease.result
+                if !bodyReturned.withLock({ $0 }) { _ = await lease.result }
             } else {
                 lease.cancel()  // not waited for: it can no longer reach `body`
             }

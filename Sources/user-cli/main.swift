@@ -140,7 +140,8 @@ func openDatabase(threadPool: NIOThreadPool) throws(Failure) -> Storage.Database
 func storage(database: Storage.Database, threadPool: NIOThreadPool) throws(Failure) -> Storage {
     do {
         let configuration = try Configuration.load(from: ProcessInfo.processInfo.environment)
-        return try Storage(configuration: configuration, database: database, threadPool: threadPool, logger: quietLogger)
+        return try Storage(
+            configuration: configuration, database: database, threadPool: threadPool, logger: quietLogger, creatingSpool: false)
     } catch {
         throw .runtime("\(error)")
     }

@@ -421,5 +421,8 @@ private func expectFailure(
             "create", "john", "john@example.com", "MyP@ssw0rd", environment: ["SMTP_DB_PATH": nil], in: work)
         #expect(defaulted.status == 0)
         #expect(FileManager.default.fileExists(atPath: work + "/smtp.db"))
+        // user-cli never spools: it leaves no spool directory behind (SMTP_SPOOL_PATH's default
+        // is ./spool).
+        #expect(!FileManager.default.fileExists(atPath: work + "/spool"))
     }
 }

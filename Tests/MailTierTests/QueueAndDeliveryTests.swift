@@ -293,7 +293,11 @@ func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws ->
         // proxy, with the production bounds. It connects (and migrates, finding nothing to do)
         // before the outage, with retries: on a loaded test machine a first connection may take
         // longer than the bound.
+        // Each step is logged: a run that never ends shows where it stopped.
+        func step(_ text: String) { print("postgresOutage: \(text)") }
+        step("proxy on port \(proxy.port)")
         try await withPostgresSchema(url: url) { setup in
+            step("schema \(setup.schema ?? "") migrated")
             let postgres = try MailTierPostgres.PostgresDatabase(url: proxied, schema: setup.schema, limits: .init())
             try await withThrowingDiscardingTaskGroup { group in
                 group.addTask { await postgres.run() }
@@ -302,13 +306,16 @@ func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws ->
                 while (try? await postgres.migrate()) == nil {
                     try #require(ContinuousClock.now - warm < .seconds(30), "no connection through the proxy within 30 s")
                 }
-                try await outage(through: proxy, postgres)
+                step("connected through the proxy")
+                try await outage(through: proxy, postgres, step: step)
+                step("done; stopping the client")
             }
         }
+        step("schema dropped")
         await proxy.stop()
     }
 
-    private func outage(through proxy: TCPProxy, _ postgres: MailTierPostgres.PostgresDatabase) async throws {
+    private func outage(through proxy: TCPProxy, _ postgres: MailTierPostgres.PostgresDatabase, step: (String) -> Void) async throws {
         let e = try Embedded(database: TestDatabase(backend: .postgres, sqlite: nil, postgres: postgres))
         defer { e.remove() }
         _ = try await e.accounts.create(username: "alice", email: "alice@example.test", password: "Al1ce-Passw0rd", quotaMB: 10, isAdmin: false)
@@ -318,6 +325,7 @@ func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws ->
             Issue.record("not queued while PostgreSQL is reachable")
             return
         }
+        step("queued before the outage")
 
         await proxy.stop()
         let bound = postgres.limits.connectionWait
@@ -340,6 +348,7 @@ func withEmbedded(_ backend: DatabaseBackend, _ body: (Embedded) async throws ->
         #expect(dataTime < bound + .seconds(2), "the end of data was answered after \(dataTime)")
         #expect(try await e.spool.list().count == 1, "nothing was spooled for the refused message")
 
+        step("refused during the outage")
         // Back: the pool reconnects by itself.
         try await proxy.start()
         let reconnect = clock.now
