@@ -62,10 +62,20 @@ class BenchError(Exception):
 
 # MARK: - processes and /proc
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process: the kernel may offer the
+    same free port to two calls in a row (a server given it as SMTP_PORT and SMTP_HEALTH_PORT
+    refused to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def children_map():
@@ -471,12 +481,15 @@ def free_port_range(count):
     import random
     for _ in range(200):
         base = random.randrange(30000, 45000)
+        if _ports_given.intersection(range(base, base + count)):
+            continue
         try:
             sockets = []
             for port in range(base, base + count):
                 s = socket.socket()
                 sockets.append(s)
                 s.bind(("127.0.0.1", port))
+            _ports_given.update(range(base, base + count))
             return base
         except OSError:
             continue
