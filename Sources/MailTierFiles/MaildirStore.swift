@@ -168,8 +168,19 @@ public struct MaildirStore: MailboxStore {
                 throw error
             }
 
-            if link(tmpPath, newPath) != 0, errno != ENOENT || Self.retryLink(tmpPath, newPath, box, mailboxDirectory, root) != 0 {
-                let code = errno
+            var code: Int32 = link(tmpPath, newPath) == 0 ? 0 : errno
+            if code == ENOENT {
+                // new/ is missing although tmp/ is there (a crash between the mkdirs, a reader
+                // that removed it): make the folder and link again.
+                do {
+                    try Self.makeFolder(box, mailboxDirectory: mailboxDirectory, root: root)
+                } catch {
+                    try? FileStoreIO.unlinkIfExists(tmpPath)
+                    throw error
+                }
+                code = link(tmpPath, newPath) == 0 ? 0 : errno
+            }
+            if code != 0 {
                 try? FileStoreIO.unlinkIfExists(tmpPath)
                 if code == EEXIST { return false }  // delivered meanwhile by a program not taking the lock
                 throw FileStoreError.system("link", "\(tmpPath) -> \(newPath)", code)
@@ -209,18 +220,6 @@ public struct MaildirStore: MailboxStore {
             if try FileStoreIO.makeDirectory("\(box)/\(sub)", mode: 0o700) { created = true }
         }
         if created { try FileStoreIO.fsyncDirectory(box) }
-    }
-
-    /// After `link` failed with ENOENT: makes the folder and links again; returns link's result
-    /// (`errno` set when it is not 0).
-    static func retryLink(_ tmpPath: String, _ newPath: String, _ box: String, _ mailboxDirectory: String, _ root: String) -> Int32 {
-        do {
-            try Self.makeFolder(box, mailboxDirectory: mailboxDirectory, root: root)
-        } catch {
-            errno = error.errorNumber == 0 ? EIO : error.errorNumber
-            return -1
-        }
-        return link(tmpPath, newPath)
     }
 
     /// Oldest first: by the time in the unique name (seconds and microseconds), then by name.

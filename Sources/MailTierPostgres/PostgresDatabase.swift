@@ -176,7 +176,9 @@ public final class PostgresDatabase: Service, Sendable {
             let bodyReturned = Mutex(false)
             let lease = Task {
                 do {
-                    let value = try await client.withConnection { connection in
+                    // `body`'s outcome is offered inside; what reaches the catch without one is
+                    // the pool's own failure (or an abandoned lease).
+                    _ = try await client.withConnection { connection in
                         var work = slot.take()
                         guard work != nil else {
                             throw CancellationError()  // abandoned: the connection goes back to the pool
@@ -200,7 +202,6 @@ public final class PostgresDatabase: Service, Sendable {
                         outcome.offer(result)
                         return try result.get()
                     }
-                    outcome.offer(.success(value))
                 } catch {
                     outcome.offer(.failure(error))
                 }
